@@ -1,0 +1,150 @@
+//! [`App`]: builds every component from a [`Config`], binds the listener, and runs until a
+//! shutdown signal, then drains in-flight requests and flushes the request log.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use marga_store::Repos;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::accounts::Accounts;
+use crate::admission::Admission;
+use crate::auth::MasterKey;
+use crate::budget::SpendTracker;
+use crate::config::Config;
+use crate::http::{router, AppState, ModelPages};
+use crate::ledger::Ledger;
+use crate::limits::{LimitDefaults, Limiter};
+use crate::registry::Registry;
+use crate::request_log::RequestLog;
+use crate::routing::chains::SavedChains;
+use crate::routing::Routing;
+
+/// A gateway, bound and ready to serve.
+pub struct App {
+    listener: TcpListener,
+    router: axum::Router,
+    log_writer: JoinHandle<()>,
+    ledger_writer: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    master_key: MasterKey,
+    store: Arc<dyn Repos>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] marga_store::StoreError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Chains(#[from] crate::routing::chains::ChainError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error("cannot create the data directory: {source}")]
+    DataDir {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl App {
+    /// Opens the store (SQLite in `data_dir`, or Postgres at `database_url`), builds providers
+    /// and models, and binds `config.listen` (port 0 picks a free port: see [`App::port`]).
+    pub async fn build(config: Config, master_key_from_env: Option<String>) -> Result<App, StartError> {
+        let store = marga_store::open(config.database_url.as_deref(), &config.data_dir).await?;
+        let (master_hash, master_key) = crate::auth::establish(store.as_ref(), master_key_from_env.as_deref()).await?;
+        // The recorder first: routes register their metric handles when they are built.
+        let prometheus = crate::telemetry::prometheus();
+        let registry = Arc::new(Registry::build(&config)?);
+        let flush = Duration::from_millis(config.server.log_flush_ms.max(1));
+        let (log, log_writer) = RequestLog::start(store.clone(), config.server.log_queue, flush);
+        let chains = SavedChains::load(store.clone()).await?;
+        let accounts = Arc::new(Accounts::start(store.clone(), master_hash, &config.billing.default_org_currency).await?);
+        let lease_ttl = Duration::from_secs(config.billing.lease_ttl_s.max(1));
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { source })?;
+        let journal = config.data_dir.join("charges.journal");
+        let (ledger, ledger_writer) = Ledger::start(store.clone(), lease_ttl, Some(&journal)).await?;
+        let health_sync = crate::routing::shared::HealthSync::new(store.clone(), &registry).spawn();
+        let background = vec![accounts.spawn_refresher(), ledger.spawn_renewer(), health_sync];
+        let admission = Admission {
+            accounts,
+            spend: SpendTracker::new(store.clone()),
+            ledger,
+            limiter: Limiter::default(),
+            defaults: LimitDefaults {
+                key_rpm: config.limits.default_key_rpm,
+                ip_rpm: config.limits.ip_rpm,
+                trial_rpm: config.limits.trial_rpm,
+                trial_daily: config.limits.trial_daily,
+            },
+            trial_keys: config.billing.trial_keys,
+            fx: config.fx.clone(),
+        };
+        let state = AppState {
+            model_pages: Arc::new(ModelPages::render(&registry)),
+            registry,
+            admission: Arc::new(admission),
+            log,
+            routing: Arc::new(Routing::new(config.routing.clone(), chains)),
+            prometheus,
+            max_body: config.server.max_body_bytes,
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        Ok(App { listener, router: router(state), log_writer, ledger_writer, background, master_key, store })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// What start-up decided about the master key (a generated key is shown once, by `main`).
+    pub fn master_key(&self) -> &MasterKey {
+        &self.master_key
+    }
+
+    /// The store, for tests that inspect what was written.
+    pub fn store(&self) -> Arc<dyn Repos> {
+        self.store.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+    /// and flushes the request log and the ledger before returning.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let App { listener, router, log_writer, ledger_writer, background, .. } = self;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, service).with_graceful_shutdown(shutdown).await?;
+        for task in background {
+            task.abort();
+        }
+        for (name, task) in [("request log", log_writer), ("ledger", ledger_writer)] {
+            match tokio::time::timeout(Duration::from_secs(10), task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "{name} writer failed"),
+                Err(_) => tracing::error!("{name} writer did not finish within 10 s"),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! Tests of config loading: catalog gating by environment, merging, and error messages.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+
+use super::*;
+
+fn load(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(toml_text.as_bytes()).unwrap();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let overrides = Overrides { config_file: Some(file.path().to_owned()), ..Overrides::default() };
+    Config::load_with_env(overrides, &lookup)
+}
+
+fn error_text(toml_text: &str) -> String {
+    load(toml_text, &[]).expect_err("config should be refused").to_string()
+}
+
+#[test]
+fn bundled_catalog_without_keys_enables_only_the_sandbox() {
+    let config = load("", &[]).unwrap();
+    assert_eq!(config.providers.keys().collect::<Vec<_>>(), vec!["sandbox"]);
+    assert!(config.models.contains_key("sandbox/echo"));
+    assert!(config.models.contains_key("sandbox/embed"));
+    assert!(!config.models.contains_key("openai/gpt-4o-mini"));
+    assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+}
+
+#[test]
+fn a_key_in_the_environment_enables_its_catalog_provider() {
+    let config = load("", &[("OPENAI_API_KEY", "sk-test")]).unwrap();
+    let openai = &config.providers["openai"];
+    assert_eq!(openai.api_key.as_deref(), Some("sk-test"));
+    assert!(config.models.contains_key("openai/gpt-4o-mini"));
+}
+
+#[test]
+fn the_file_adds_providers_and_models_and_overrides_the_catalog() {
+    let config = load(
+        r#"
+        listen = "127.0.0.1:9000"
+        [providers.local]
+        kind = "openai"
+        base_url = "http://127.0.0.1:1234/v1"
+        region = "IN"
+        [providers.sandbox]
+        region = "IN"
+        [models."acme/small"]
+        routes = [{ provider = "local", model = "small", input_per_mtok = "0.1", output_per_mtok = "0.2", currency = "INR" }]
+        "#,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:9000");
+    assert_eq!(config.providers["sandbox"].region, "IN");
+    assert_eq!(config.providers["sandbox"].kind, marga_providers::ProviderKind::Sandbox);
+    assert_eq!(config.models["acme/small"].routes[0].model, "small");
+}
+
+#[test]
+fn errors_name_the_file_the_key_and_the_problem() {
+    let unset = error_text("[providers.x]\nkind = \"openai\"\nbase_url = \"http://h\"\nregion = \"US\"\napi_key = \"${NOPE_KEY}\"\n");
+    assert!(unset.contains("providers.x.api_key") && unset.contains("NOPE_KEY is not set"), "{unset}");
+
+    let price = error_text("[models.\"m\"]\nroutes = [{ provider = \"sandbox\", model = \"echo\", input_per_mtok = \"cheap\", output_per_mtok = \"1\", currency = \"USD\" }]\n");
+    assert!(price.contains("models.\"m\".routes[0].input_per_mtok") && price.contains("not a decimal"), "{price}");
+
+    let currency = error_text("[models.\"m\"]\nroutes = [{ provider = \"sandbox\", model = \"echo\", input_per_mtok = \"1\", output_per_mtok = \"1\", currency = \"EUR\" }]\n");
+    assert!(currency.contains("currency") && currency.contains("EUR"), "{currency}");
+
+    let provider = error_text("[models.\"m\"]\nroutes = [{ provider = \"nope\", model = \"x\", input_per_mtok = \"1\", output_per_mtok = \"1\", currency = \"USD\" }]\n");
+    assert!(provider.contains("unknown provider `nope`"), "{provider}");
+
+    let region = error_text("[providers.x]\nkind = \"openai\"\nbase_url = \"http://h\"\nregion = \"india\"\n");
+    assert!(region.contains("providers.x.region"), "{region}");
+
+    let unknown = error_text("lisen = \"127.0.0.1:1\"\n");
+    assert!(unknown.contains("lisen"), "{unknown}");
+
+    let syntax = error_text("[providers\n");
+    assert!(syntax.contains("line 1"), "{syntax}");
+
+    let kind = error_text("[providers.x]\nkind = \"cohere\"\nbase_url = \"http://h\"\nregion = \"US\"\n");
+    assert!(kind.contains("providers.x") && kind.contains("cohere"), "{kind}");
+}
+
+#[test]
+fn every_catalog_entry_is_valid_when_every_key_is_set() {
+    let catalog: toml::Table = BUNDLED_CATALOG.parse().unwrap();
+    let mut env = Vec::new();
+    for provider in catalog["providers"].as_table().unwrap().values() {
+        for value in provider.as_table().unwrap().values() {
+            if let Some(s) = value.as_str() {
+                for name in env::references(s) {
+                    env.push((name.to_owned(), "http://127.0.0.1:1/v1".to_owned()));
+                }
+            }
+        }
+    }
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let config = load("", &env_refs).unwrap();
+    assert_eq!(config.providers.len(), catalog["providers"].as_table().unwrap().len());
+    assert_eq!(config.models.len(), catalog["models"].as_table().unwrap().len());
+}

@@ -1,0 +1,222 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: admit, then answer in one piece or
+//! as a stream.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use marga_protocol::openai::{ChatCompletionRequest, CompletionRequest, FinishReason, Usage};
+use marga_providers::Call;
+
+use super::admit::{admit, caller, reserve, take_extensions};
+use super::extract::{client_info, parse_json, read_body};
+use super::respond::{json_response, record_failure, sse_response};
+use super::AppState;
+use crate::config::ModelType;
+use crate::error::ApiError;
+use crate::pipeline::attempt::{first_success, Served};
+use crate::pipeline::plan::Plan;
+use crate::pipeline::stream::{open_until_content, relay, Opened, RelayParams, StreamChunk};
+use crate::pipeline::{record, settle, Endpoint, Outcome, RequestCtx};
+use crate::routing::Observation;
+use crate::tokens;
+
+/// Checks what serde cannot: ranges and required content.
+fn validate_chat(request: &ChatCompletionRequest) -> Result<(), ApiError> {
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid("`messages` must contain at least one message", Some("messages".into())));
+    }
+    validate_sampling(request.temperature, request.top_p, request.n)
+}
+
+fn validate_sampling(temperature: Option<f64>, top_p: Option<f64>, n: Option<u32>) -> Result<(), ApiError> {
+    if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(ApiError::invalid("`temperature` must be between 0 and 2", Some("temperature".into())));
+    }
+    if top_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+        return Err(ApiError::invalid("`top_p` must be between 0 and 1", Some("top_p".into())));
+    }
+    if n.is_some_and(|n| !(1..=128).contains(&n)) {
+        return Err(ApiError::invalid("`n` must be between 1 and 128", Some("n".into())));
+    }
+    Ok(())
+}
+
+fn finish_reason_text(reason: Option<&FinishReason>) -> Option<String> {
+    reason.and_then(|f| serde_json::to_value(f).ok()).and_then(|v| v.as_str().map(str::to_owned))
+}
+
+/// Settles a whole (non-streamed) answer — its charge is durable before the client sees it —
+/// records it, and builds the response. `usage` is the answer's, with its `cost` written.
+pub(super) async fn finish_whole<T: serde::Serialize>(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    plan: &Plan,
+    served: &mut Served<T>,
+    usage_of: impl Fn(&mut T) -> &mut Option<Usage>,
+    estimated: bool,
+    finish_reason: Option<String>,
+) -> Result<Response, ApiError> {
+    let route = served.candidate.route.clone();
+    let mut usage = usage_of(&mut served.value).take().unwrap_or_default();
+    route.health.record_success(Observation { latency: served.elapsed, ttft: None, completion_tokens: usage.completion_tokens });
+    let cost = match settle(ctx, &route, &mut usage).await {
+        Ok(cost) => cost,
+        Err(e) => return Err(record_failure(state, ctx, e)),
+    };
+    let outcome = Outcome {
+        status: "success",
+        http_status: 200,
+        route: Some(&route),
+        usage: Some(&usage),
+        usage_estimated: estimated,
+        ttft_ms: None,
+        finish_reason,
+        error: None,
+        cost,
+    };
+    state.log.record(record(ctx, &outcome));
+    *usage_of(&mut served.value) = Some(usage);
+    Ok(json_response(&served.value, ctx, plan, &served.candidate, cost))
+}
+
+/// The SSE response for an opened stream.
+fn stream_response<C: StreamChunk>(
+    state: &AppState,
+    ctx: RequestCtx,
+    plan: &Plan,
+    served: Served<Opened<C>>,
+    estimate_prompt: Box<dyn Fn() -> u64 + Send>,
+) -> Response {
+    let headers = super::respond::served_headers(&ctx, plan, &served.candidate, None);
+    let params = RelayParams {
+        ctx,
+        candidate: served.candidate,
+        log: state.log.clone(),
+        opened: served.value,
+        estimate_prompt,
+        idle_timeout: state.routing.settings.stream_idle_timeout,
+    };
+    sse_response(relay(params), headers)
+}
+
+/// Admits a parsed request: plan, reserve, and the request's context.
+pub(super) async fn begin_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    model: &str,
+    ext: &marga_protocol::routing::RoutingExtensions,
+    shape: (Endpoint, bool, usize, Option<u32>),
+    end_user: Option<&str>,
+) -> Result<(RequestCtx, Plan), ApiError> {
+    let (endpoint, stream, prompt_bytes, output_cap) = shape;
+    let (principal, quota) = caller(state, headers, peer)?;
+    let kind = if endpoint == Endpoint::Embeddings { ModelType::Embedding } else { ModelType::Chat };
+    let admitted = admit(state, &principal, model, ext, kind)?;
+    let billing = reserve(state, &principal, &admitted, prompt_bytes, output_cap).await?;
+    let client = client_info(headers, end_user);
+    let mut ctx = RequestCtx::new(principal, endpoint, admitted.model, stream, client);
+    ctx.billing = Some(billing);
+    ctx.quota = quota;
+    Ok((ctx, admitted.plan))
+}
+
+
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.admission.accounts.authenticate(&headers)?;
+    let bytes = read_body(body, state.max_body).await?;
+    let mut request: ChatCompletionRequest = parse_json(&bytes)?;
+    let ext = take_extensions(&mut request.extra)?;
+    validate_chat(&request)?;
+    let shape = (Endpoint::Chat, request.stream, bytes.len(), request.output_cap());
+    let (mut ctx, plan) = begin_request(&state, &headers, peer, &request.model, &ext, shape, request.user.as_deref()).await?;
+    let key = ext.upstream_key.as_deref();
+    if request.stream {
+        let served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
+            let request = &request;
+            async move {
+                let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
+                open_until_content(c.route.provider.client.chat_stream(call).await?).await
+            }
+        })
+        .await
+        .map_err(|e| record_failure(&state, &ctx, e))?;
+        return Ok(stream_response(&state, ctx, &plan, served, Box::new(move || tokens::prompt_tokens(&request))));
+    }
+    let mut served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
+        let request = &request;
+        async move {
+            let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
+            c.route.provider.client.chat(call).await
+        }
+    })
+    .await
+    .map_err(|e| record_failure(&state, &ctx, e))?;
+    let response = &mut served.value;
+    let estimated = response.usage.is_none();
+    if estimated {
+        let text: String = response.choices.iter().filter_map(|c| c.message.content.as_deref()).collect();
+        response.usage = Some(Usage::new(tokens::prompt_tokens(&request), tokens::count(&text)));
+    }
+    response.id.clone_from(&ctx.id);
+    response.model.clone_from(&served.candidate.model.id);
+    let finish = finish_reason_text(response.choices.first().and_then(|c| c.finish_reason.as_ref()));
+    finish_whole(&state, &mut ctx, &plan, &mut served, |r| &mut r.usage, estimated, finish).await
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.admission.accounts.authenticate(&headers)?;
+    let bytes = read_body(body, state.max_body).await?;
+    let mut request: CompletionRequest = parse_json(&bytes)?;
+    let ext = take_extensions(&mut request.extra)?;
+    validate_sampling(request.temperature, request.top_p, None)?;
+    let shape = (Endpoint::Completions, request.stream, bytes.len(), request.max_tokens);
+    let (mut ctx, plan) = begin_request(&state, &headers, peer, &request.model, &ext, shape, request.user.as_deref()).await?;
+    let key = ext.upstream_key.as_deref();
+    if request.stream {
+        let served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
+            let request = &request;
+            async move {
+                let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
+                open_until_content(c.route.provider.client.completions_stream(call).await?).await
+            }
+        })
+        .await
+        .map_err(|e| record_failure(&state, &ctx, e))?;
+        let estimate = Box::new(move || tokens::count(&request.prompt.joined_text()));
+        return Ok(stream_response(&state, ctx, &plan, served, estimate));
+    }
+    let mut served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
+        let request = &request;
+        async move {
+            let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
+            c.route.provider.client.completions(call).await
+        }
+    })
+    .await
+    .map_err(|e| record_failure(&state, &ctx, e))?;
+    let response = &mut served.value;
+    let estimated = response.usage.is_none();
+    if estimated {
+        let text: String = response.choices.iter().map(|c| c.text.as_str()).collect();
+        response.usage = Some(Usage::new(tokens::count(&request.prompt.joined_text()), tokens::count(&text)));
+    }
+    response.id.clone_from(&ctx.id);
+    response.model.clone_from(&served.candidate.model.id);
+    let finish = finish_reason_text(response.choices.first().and_then(|c| c.finish_reason.as_ref()));
+    finish_whole(&state, &mut ctx, &plan, &mut served, |r| &mut r.usage, estimated, finish).await
+}

@@ -1,0 +1,128 @@
+//! `POST /v1/embeddings`.
+
+use axum::body::Body;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use marga_protocol::openai::{EmbeddingRequest, Usage};
+use marga_providers::Call;
+
+use super::admit::take_extensions;
+use super::chat::{begin_request, finish_whole};
+use super::extract::{parse_json, read_body};
+use super::respond::record_failure;
+use super::AppState;
+use crate::error::ApiError;
+use crate::pipeline::attempt::first_success;
+use crate::pipeline::Endpoint;
+use crate::tokens;
+
+/// The most inputs one request may embed (OpenAI's limit).
+const MAX_INPUTS: usize = 2048;
+
+fn validate(request: &EmbeddingRequest) -> Result<(), ApiError> {
+    if request.input.is_empty() {
+        return Err(ApiError::invalid("`input` must not be empty", Some("input".into())));
+    }
+    if request.input.texts().len() > MAX_INPUTS {
+        return Err(ApiError::invalid(format!("`input` may hold at most {MAX_INPUTS} items"), Some("input".into())));
+    }
+    if let Some(format) = request.encoding_format.as_deref().filter(|f| !matches!(*f, "float" | "base64")) {
+        let message = format!("`encoding_format` must be \"float\" or \"base64\", not \"{format}\"");
+        return Err(ApiError::invalid(message, Some("encoding_format".into())));
+    }
+    Ok(())
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.admission.accounts.authenticate(&headers)?;
+    let bytes = read_body(body, state.max_body).await?;
+    let mut request: EmbeddingRequest = parse_json(&bytes)?;
+    let ext = take_extensions(&mut request.extra)?;
+    validate(&request)?;
+    let shape = (Endpoint::Embeddings, false, bytes.len(), Some(0));
+    let (mut ctx, plan) = begin_request(&state, &headers, peer, &request.model, &ext, shape, request.user.as_deref()).await?;
+    let key = ext.upstream_key.as_deref();
+    let mut served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
+        let request = &request;
+        async move {
+            let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
+            c.route.provider.client.embeddings(call).await
+        }
+    })
+    .await
+    .map_err(|e| record_failure(&state, &ctx, e))?;
+    let response = &mut served.value;
+    let estimated = response.usage.is_none();
+    if estimated {
+        let prompt = request.input.texts().iter().map(|t| tokens::count(t)).sum();
+        response.usage = Some(Usage { prompt_tokens: prompt, total_tokens: prompt, ..Usage::default() });
+    }
+    response.model.clone_from(&served.candidate.model.id);
+    if request.encoding_format.as_deref() == Some("base64") {
+        encode_floats_as_base64(&mut response.data);
+    }
+    finish_whole(&state, &mut ctx, &plan, &mut served, |r| &mut r.usage, estimated, None).await
+}
+
+/// `encoding_format: "base64"` asks for each vector as base64 of little-endian `f32`s (what the
+/// official SDKs request by default). A provider that answered with float arrays anyway (the
+/// sandbox; OpenAI-compatible servers that ignore the field) is converted here, so the client
+/// always gets what it asked for.
+fn encode_floats_as_base64(data: &mut [marga_protocol::openai::Embedding]) {
+    for item in data {
+        let Some(values) = item.embedding.as_array() else { continue };
+        let floats: Option<Vec<f64>> = values.iter().map(serde_json::Value::as_f64).collect();
+        if let Some(floats) = floats {
+            let bytes: Vec<u8> = floats.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+            item.embedding = serde_json::Value::String(base64_standard(&bytes));
+        }
+    }
+}
+
+/// RFC 4648 base64 with padding.
+fn base64_standard(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod base64_tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        let cases: [(&[u8], &str); 5] = [(b"", ""), (b"f", "Zg=="), (b"fo", "Zm8="), (b"foo", "Zm9v"), (b"foobar", "Zm9vYmFy")];
+        for (input, expected) in cases {
+            assert_eq!(base64_standard(input), expected);
+        }
+    }
+
+    #[test]
+    fn float_vectors_become_little_endian_f32_base64() {
+        let embedding = |index, value| marga_protocol::openai::Embedding { object: "embedding".to_owned(), index, embedding: value };
+        let mut data = vec![embedding(0, serde_json::json!([1.0, -2.0])), embedding(1, serde_json::json!("AACAPwAAAMA="))];
+        encode_floats_as_base64(&mut data);
+        assert_eq!(data[0].embedding, serde_json::json!("AACAPwAAAMA="));
+        assert_eq!(data[1].embedding, serde_json::json!("AACAPwAAAMA="), "already base64: left alone");
+    }
+}

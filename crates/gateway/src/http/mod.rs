@@ -1,0 +1,97 @@
+//! The HTTP surface: the axum router, its shared state, and one module per endpoint family.
+//! Every endpoint of `/v1` is also served under `/api/v1` (OpenRouter's base path).
+
+mod admin;
+mod admit;
+mod chat;
+mod embeddings;
+mod extract;
+mod guardrails;
+mod keys;
+mod models;
+mod money_json;
+mod ops;
+mod respond;
+mod routing;
+mod workspaces;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::admission::Admission;
+use crate::error::ApiError;
+use crate::registry::Registry;
+use crate::request_log::RequestLog;
+use crate::routing::Routing;
+
+pub use models::ModelPages;
+
+/// What handlers share. Every field is an `Arc` or a cheap handle.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub admission: Arc<Admission>,
+    pub log: RequestLog,
+    pub routing: Arc<Routing>,
+    pub model_pages: Arc<ModelPages>,
+    pub prometheus: Option<PrometheusHandle>,
+    pub max_body: usize,
+}
+
+fn api_routes() -> Router<AppState> {
+    Router::new()
+        .route("/chat/completions", post(chat::chat_completions))
+        .route("/completions", post(chat::completions))
+        .route("/embeddings", post(embeddings::embeddings))
+        .route("/models", get(models::list))
+        .route("/models/{*id}", get(models::get))
+        .route("/route/explain", post(routing::explain))
+        .route("/providers", get(routing::providers))
+        .route("/keys", get(keys::list).post(keys::create))
+        .route("/keys/{hash}", get(keys::get).patch(keys::update).delete(keys::delete))
+        .route("/key", get(keys::current))
+        .route("/credits", get(keys::credits))
+        .route("/guardrails", get(guardrails::list).post(guardrails::create))
+        .route("/guardrails/{id}", get(guardrails::get).patch(guardrails::update).delete(guardrails::delete))
+        .route("/guardrails/{id}/keys", post(guardrails::assign_keys))
+        .route("/guardrails/{id}/keys/remove", post(guardrails::unassign_keys))
+        .route("/auth/account", get(admin::account))
+        .route("/auth/account/api-keys", post(admin::create_account_key))
+}
+
+/// The operator's and the dashboard's endpoints (not under `/v1`).
+fn management_routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/orgs", get(admin::list_orgs).post(admin::create_org))
+        .route("/admin/orgs/{id}", get(admin::get_org))
+        .route("/admin/orgs/{id}/credits", post(admin::grant_credits))
+        .route("/me/keys", get(keys::list).post(admin::create_account_key))
+        .route("/me/keys/{id}", get(keys::get).patch(keys::update).delete(keys::delete))
+        .route("/me/workspaces", get(workspaces::list).post(workspaces::create))
+        .route("/me/workspaces/{id}", axum::routing::patch(workspaces::update).delete(workspaces::delete))
+}
+
+/// The whole router. Layers, outermost first: catch-panic (a panic becomes a 500 envelope,
+/// never a dropped connection), then axum's default body limit switched off in favour of the
+/// handlers' own bounded reads (which answer 413 in the OpenAI envelope).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .nest("/v1", api_routes())
+        .nest("/api/v1", api_routes())
+        .merge(management_routes())
+        .route("/me/routing/{*model}", get(routing::get_chain).put(routing::put_chain).delete(routing::delete_chain))
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::disable())
+        .layer(CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!("handler panicked")))
+        }))
+        .with_state(state)
+}

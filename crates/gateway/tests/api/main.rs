@@ -1,0 +1,22 @@
+//! End-to-end tests of the gateway: the real [`marga_gateway::app::App`] on port 0 with a fresh
+//! data directory, in front of `mock-upstream` servers on port 0. One binary, one module per
+//! area; every test starts its own app (see `helpers::spawn_app`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod accounts;
+mod breakers;
+mod chains;
+mod chat;
+mod crash;
+mod embeddings;
+mod errors;
+mod extensions;
+mod failover;
+mod helpers;
+mod models;
+mod ops;
+mod request_log;
+mod residency;
+mod routing;
+mod scale_out;
+mod streaming;

@@ -1,0 +1,159 @@
+//! Anthropic Messages API (`POST {base_url}/messages`, version `2023-06-01`). Requests and
+//! responses are translated to and from OpenAI shapes by `marga_protocol::anthropic`; streams
+//! go through a [`StreamTranslator`], one per stream.
+//!
+//! Upstream error bodies (`{"type":"error","error":{"type","message"}}`) and statuses (529
+//! overloaded → Server) are classified by the shared HTTP plumbing. Legacy completions use the
+//! trait's chat-based defaults; embeddings are unsupported.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use eventsource_stream::Event;
+use futures::{Stream, StreamExt};
+use marga_protocol::anthropic::{
+    from_messages_response, to_messages_request, MessagesRequest, MessagesResponse, StreamStep, StreamTranslator,
+    API_VERSION,
+};
+use marga_protocol::openai::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, EmbeddingRequest, EmbeddingResponse,
+};
+use marga_protocol::ConvertError;
+
+use crate::http::{self, Step};
+use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
+
+const PROTOCOL: &str = "Anthropic";
+/// The output cap sent when the client set none (Anthropic requires one).
+const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+pub struct AnthropicProvider {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+}
+
+impl AnthropicProvider {
+    pub fn new(settings: ProviderSettings) -> Result<Self, ProviderError> {
+        Ok(AnthropicProvider {
+            client: http::client(&settings)?,
+            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            api_key: settings.api_key,
+        })
+    }
+
+    /// `POST {base_url}/messages` with the version header and, when there is one, the key.
+    fn post(&self, api_key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let builder = self.client.post(format!("{}/messages", self.base_url)).header("anthropic-version", API_VERSION);
+        match api_key.or(self.api_key.as_deref()) {
+            Some(key) => Ok(builder.header("x-api-key", http::secret_header(key)?)),
+            None => Ok(builder),
+        }
+    }
+
+    /// Translates the call and sends it; the response is 2xx.
+    async fn send(
+        &self,
+        call: Call<'_, ChatCompletionRequest>,
+        stream: bool,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let mut body: MessagesRequest =
+            to_messages_request(call.request, call.upstream_model, DEFAULT_MAX_TOKENS).map_err(convert_error)?;
+        body.stream = stream;
+        let mut request = self.post(call.api_key)?;
+        if stream {
+            request = request.header("accept", "text/event-stream");
+        }
+        http::post_json(request, &body).await
+    }
+}
+
+/// A request Anthropic cannot take: invalid (not retryable) or unsupported here (another route
+/// may serve it).
+fn convert_error(err: ConvertError) -> ProviderError {
+    let kind = match err {
+        ConvertError::Unsupported { .. } => ErrorKind::Unsupported,
+        _ => ErrorKind::InvalidRequest,
+    };
+    ProviderError::new(kind, err.to_string()).with_source(err)
+}
+
+/// Seconds since the epoch, for the `created` field Anthropic does not send.
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// One decoded chunk, flagged when it is the last of the stream (the usage chunk).
+type Decoded = (ChatCompletionChunk, bool);
+
+/// Feeds one SSE event to the translator.
+fn decode_event(translator: &mut StreamTranslator, event: &Event) -> Step<Decoded> {
+    match translator.push(&event.event, &event.data) {
+        StreamStep::Chunks(chunks) => {
+            let done = translator.is_done();
+            let last = chunks.len().saturating_sub(1);
+            Step::Items(chunks.into_iter().enumerate().map(|(i, c)| (c, done && i == last)).collect())
+        }
+        StreamStep::Done => Step::Done,
+        StreamStep::Error { kind, message } if kind == "malformed" => {
+            Step::Fail(ProviderError::new(ErrorKind::Malformed, message))
+        }
+        StreamStep::Error { .. } => Step::Fail(http::in_band_error(&event.data)),
+    }
+}
+
+/// Ends the stream right after its last chunk, and turns an upstream that closes before
+/// `message_stop` into a `StreamInterrupted` error.
+fn until_last(
+    decoded: impl Stream<Item = Result<Decoded, ProviderError>> + Send + 'static,
+) -> impl Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send + 'static {
+    futures::stream::unfold((decoded.boxed(), false), |(mut decoded, ended)| async move {
+        if ended {
+            return None;
+        }
+        let (item, ended) = match decoded.next().await {
+            Some(Ok((chunk, last))) => (Ok(chunk), last),
+            Some(Err(e)) => (Err(e), true),
+            None => {
+                let message = "the upstream closed the stream before message_stop";
+                (Err(ProviderError::new(ErrorKind::StreamInterrupted, message)), true)
+            }
+        };
+        Some((item, (decoded, ended)))
+    })
+}
+
+impl Provider for AnthropicProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Anthropic
+    }
+
+    fn chat<'a>(
+        &'a self,
+        call: Call<'a, ChatCompletionRequest>,
+    ) -> BoxFuture<'a, Result<ChatCompletionResponse, ProviderError>> {
+        Box::pin(async move {
+            let response = self.send(call, false).await?;
+            let message: MessagesResponse = http::read_json(response, PROTOCOL).await?;
+            Ok(from_messages_response(message, unix_now()))
+        })
+    }
+
+    fn chat_stream<'a>(
+        &'a self,
+        call: Call<'a, ChatCompletionRequest>,
+    ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
+        Box::pin(async move {
+            let response = self.send(call, true).await?;
+            let mut translator = StreamTranslator::new(unix_now());
+            let decoded = http::decode_sse(response, move |event| decode_event(&mut translator, &event));
+            Ok(until_last(decoded).boxed() as ChunkStream)
+        })
+    }
+
+    fn embeddings<'a>(
+        &'a self,
+        _call: Call<'a, EmbeddingRequest>,
+    ) -> BoxFuture<'a, Result<EmbeddingResponse, ProviderError>> {
+        Box::pin(async { Err(ProviderError::unsupported("embeddings")) })
+    }
+}

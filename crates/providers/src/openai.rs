@@ -1,0 +1,229 @@
+//! Any OpenAI-compatible API (OpenAI, Groq, Together, Fireworks, DeepSeek, Mistral, Krutrim,
+//! Sarvam, OpenRouter, vLLM, Ollama, llama.cpp…). Bodies go out as the client sent them, with
+//! the upstream's model name written in; unknown parameters pass through untouched.
+
+use eventsource_stream::Event;
+use futures::{Stream, StreamExt};
+use marga_protocol::openai::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    CompletionResponse, EmbeddingRequest, EmbeddingResponse, Outbound, StreamOptions,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::http::{self, Step};
+use crate::{
+    BoxFuture, Call, ChunkStream, CompletionStream, ErrorKind, Provider, ProviderError,
+    ProviderKind, ProviderSettings,
+};
+
+const PROTOCOL: &str = "OpenAI";
+
+pub struct OpenAiProvider {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+    auth_header: Option<reqwest::header::HeaderName>,
+    supports_stream_usage: bool,
+    /// `(path, base_url + path)` for the endpoints every request uses, parsed once.
+    urls: Vec<(&'static str, reqwest::Url)>,
+}
+
+impl OpenAiProvider {
+    pub fn new(settings: ProviderSettings) -> Result<Self, ProviderError> {
+        // Checked here: an invalid name would otherwise fail every call as a transport error.
+        let auth_header = settings
+            .auth_header
+            .as_deref()
+            .map(|name| {
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
+                    ProviderError::new(ErrorKind::InvalidRequest, "invalid auth header name").with_source(e)
+                })
+            })
+            .transpose()?;
+        let base_url = settings.base_url.trim_end_matches('/').to_owned();
+        let urls = ["/chat/completions", "/completions", "/embeddings"]
+            .into_iter()
+            .filter_map(|path| reqwest::Url::parse(&format!("{base_url}{path}")).ok().map(|url| (path, url)))
+            .collect();
+        Ok(OpenAiProvider {
+            client: http::client(&settings)?,
+            base_url,
+            urls,
+            api_key: settings.api_key,
+            auth_header,
+            supports_stream_usage: settings.supports_stream_usage,
+        })
+    }
+
+    fn post(&self, path: &str, api_key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
+        // The three URLs are parsed once, at start; anything else is parsed per call.
+        let builder = match self.urls.iter().find(|(p, _)| *p == path) {
+            Some((_, url)) => self.client.post(url.clone()),
+            None => self.client.post(format!("{}{path}", self.base_url)),
+        };
+        let Some(key) = api_key.or(self.api_key.as_deref()) else {
+            return Ok(builder);
+        };
+        Ok(match &self.auth_header {
+            Some(name) => builder.header(name.clone(), http::secret_header(key)?),
+            None => builder.header(reqwest::header::AUTHORIZATION, http::secret_header(&format!("Bearer {key}"))?),
+        })
+    }
+
+    async fn send<T: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        call: Call<'_, T>,
+    ) -> Result<R, ProviderError> {
+        let body = Outbound { model: call.upstream_model, stream: false, stream_options: None, body: call.request };
+        let response = http::post_json(self.post(path, call.api_key)?, &body).await?;
+        http::read_json(response, PROTOCOL).await
+    }
+
+    async fn open_stream<T: Serialize>(
+        &self,
+        path: &str,
+        call: Call<'_, T>,
+        client_options: Option<&StreamOptions>,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let options = self.stream_options(client_options);
+        let body = Outbound {
+            model: call.upstream_model,
+            stream: true,
+            stream_options: options.as_ref(),
+            body: call.request,
+        };
+        http::post_json(self.post(path, call.api_key)?.header("accept", "text/event-stream"), &body).await
+    }
+
+    /// The client's stream options with `include_usage` switched on where the upstream supports
+    /// it, so that every stream ends with authoritative usage.
+    fn stream_options(&self, client: Option<&StreamOptions>) -> Option<StreamOptions> {
+        if !self.supports_stream_usage {
+            return client.cloned();
+        }
+        let mut options = client.cloned().unwrap_or_default();
+        options.include_usage = Some(true);
+        Some(options)
+    }
+}
+
+/// Decodes one OpenAI SSE event into a typed chunk.
+fn decode_event<T: DeserializeOwned>(event: Event) -> Step<T> {
+    let data = event.data.trim();
+    if data == "[DONE]" {
+        return Step::Done;
+    }
+    if data.is_empty() {
+        return Step::Items(Vec::new());
+    }
+    if data.starts_with("{\"error\"") || event.event == "error" {
+        return Step::Fail(http::in_band_error(data));
+    }
+    match serde_json::from_str::<serde_json::Value>(data) {
+        Ok(value) if value.get("error").is_some_and(|e| !e.is_null()) => {
+            Step::Fail(http::in_band_error(data))
+        }
+        Ok(value) => match serde_json::from_value(value) {
+            Ok(chunk) => Step::Items(vec![chunk]),
+            Err(e) => Step::Fail(ProviderError::malformed(PROTOCOL, e)),
+        },
+        Err(e) => Step::Fail(ProviderError::malformed(PROTOCOL, e)),
+    }
+}
+
+/// The decoded items of an OpenAI stream. It ends at `[DONE]`, after the first error, or when
+/// the upstream closes. A close before `[DONE]` with no finish reason or usage seen yet (a 2xx
+/// body that was not SSE at all, or a cut between events) is a `StreamInterrupted` error, not
+/// a quiet, empty success; a close after the finish is accepted (some servers omit `[DONE]`).
+fn decode_stream<T: DeserializeOwned + Send + 'static>(
+    response: reqwest::Response,
+    finished: fn(&T) -> bool,
+) -> impl Stream<Item = Result<T, ProviderError>> + Send + 'static {
+    let events = http::sse_events(response).boxed();
+    futures::stream::unfold(Some((events, false)), move |state| async move {
+        let (mut events, mut seen_finish) = state?;
+        loop {
+            let step = match events.next().await {
+                Some(Ok(event)) => decode_event::<T>(event),
+                Some(Err(e)) => Step::Fail(e),
+                None if seen_finish => Step::Done,
+                None => Step::Fail(ProviderError::new(
+                    ErrorKind::StreamInterrupted,
+                    "the upstream closed the stream before it finished",
+                )),
+            };
+            match step {
+                Step::Items(items) if items.is_empty() => continue,
+                Step::Items(items) => {
+                    seen_finish |= items.iter().any(finished);
+                    let items: Vec<_> = items.into_iter().map(Ok).collect();
+                    return Some((items, Some((events, seen_finish))));
+                }
+                Step::Done => return None,
+                Step::Fail(e) => return Some((vec![Err(e)], None)),
+            }
+        }
+    })
+    .flat_map(futures::stream::iter)
+}
+
+fn chat_chunk_finished(chunk: &ChatCompletionChunk) -> bool {
+    chunk.usage.is_some() || chunk.choices.iter().any(|c| c.finish_reason.is_some())
+}
+
+fn completion_chunk_finished(chunk: &CompletionResponse) -> bool {
+    chunk.usage.is_some() || chunk.choices.iter().any(|c| c.finish_reason.is_some())
+}
+
+impl Provider for OpenAiProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Openai
+    }
+
+    fn chat<'a>(
+        &'a self,
+        call: Call<'a, ChatCompletionRequest>,
+    ) -> BoxFuture<'a, Result<ChatCompletionResponse, ProviderError>> {
+        Box::pin(self.send("/chat/completions", call))
+    }
+
+    fn chat_stream<'a>(
+        &'a self,
+        call: Call<'a, ChatCompletionRequest>,
+    ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
+        Box::pin(async move {
+            let options = call.request.stream_options.as_ref();
+            let response = self.open_stream("/chat/completions", call, options).await?;
+            let chunks = decode_stream(response, chat_chunk_finished);
+            Ok(chunks.boxed() as ChunkStream)
+        })
+    }
+
+    fn embeddings<'a>(
+        &'a self,
+        call: Call<'a, EmbeddingRequest>,
+    ) -> BoxFuture<'a, Result<EmbeddingResponse, ProviderError>> {
+        Box::pin(self.send("/embeddings", call))
+    }
+
+    fn completions<'a>(
+        &'a self,
+        call: Call<'a, CompletionRequest>,
+    ) -> BoxFuture<'a, Result<CompletionResponse, ProviderError>> {
+        Box::pin(self.send("/completions", call))
+    }
+
+    fn completions_stream<'a>(
+        &'a self,
+        call: Call<'a, CompletionRequest>,
+    ) -> BoxFuture<'a, Result<CompletionStream, ProviderError>> {
+        Box::pin(async move {
+            let options = call.request.stream_options.as_ref();
+            let response = self.open_stream("/completions", call, options).await?;
+            let chunks = decode_stream(response, completion_chunk_finished);
+            Ok(chunks.boxed() as CompletionStream)
+        })
+    }
+}

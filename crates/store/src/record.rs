@@ -1,0 +1,50 @@
+//! The rows the repositories read and write, as plain structs.
+
+/// One request, as the request log keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct GenerationRecord {
+    /// The response `id` the client saw (also `x-generation-id`).
+    pub id: String,
+    pub created_at_ms: i64,
+    pub org_id: Option<String>,
+    pub key_id: Option<String>,
+    /// `chat`, `completions` or `embeddings`.
+    pub endpoint: String,
+    /// The public model the client asked for.
+    pub model: String,
+    /// The provider id that served (or last failed).
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub streamed: bool,
+    /// `success`, `error`, `error_midstream` or `cancelled`.
+    pub status: String,
+    pub http_status: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub reasoning_tokens: i64,
+    /// True when the tokens were counted by Marga, not reported by the upstream.
+    pub usage_estimated: bool,
+    /// Exact decimal, as text.
+    pub cost: String,
+    pub currency: String,
+    pub latency_ms: i64,
+    pub ttft_ms: Option<i64>,
+    pub finish_reason: Option<String>,
+    /// JSON array of `{provider, model, outcome, status, latency_ms}`.
+    pub attempts: String,
+    pub error: Option<String>,
+    pub user_agent: Option<String>,
+    pub referer: Option<String>,
+    pub end_user: Option<String>,
+}
+
+/// A saved fallback chain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct ChainRecord {
+    pub org_id: String,
+    pub model: String,
+    /// JSON array of `{model, provider?}`.
+    pub steps: String,
+    pub updated_at_ms: i64,
+}

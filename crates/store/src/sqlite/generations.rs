@@ -1,0 +1,113 @@
+//! SQLite: the request log and saved fallback chains.
+
+use sqlx::{QueryBuilder, Sqlite};
+
+use super::SqliteStore;
+use crate::sql::GENERATION_COLUMNS;
+use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
+
+/// Rows per INSERT statement (SQLite allows 32766 bound parameters; 26 columns per row).
+const ROWS_PER_INSERT: usize = 500;
+
+fn push_generation_values(builder: &mut QueryBuilder<'_, Sqlite>, records: &[GenerationRecord]) {
+    builder.push_values(records, |mut row, r| {
+        row.push_bind(r.id.clone())
+            .push_bind(r.created_at_ms)
+            .push_bind(r.org_id.clone())
+            .push_bind(r.key_id.clone())
+            .push_bind(r.endpoint.clone())
+            .push_bind(r.model.clone())
+            .push_bind(r.provider.clone())
+            .push_bind(r.upstream_model.clone())
+            .push_bind(r.streamed)
+            .push_bind(r.status.clone())
+            .push_bind(r.http_status)
+            .push_bind(r.prompt_tokens)
+            .push_bind(r.completion_tokens)
+            .push_bind(r.cached_tokens)
+            .push_bind(r.reasoning_tokens)
+            .push_bind(r.usage_estimated)
+            .push_bind(r.cost.clone())
+            .push_bind(r.currency.clone())
+            .push_bind(r.latency_ms)
+            .push_bind(r.ttft_ms)
+            .push_bind(r.finish_reason.clone())
+            .push_bind(r.attempts.clone())
+            .push_bind(r.error.clone())
+            .push_bind(r.user_agent.clone())
+            .push_bind(r.referer.clone())
+            .push_bind(r.end_user.clone());
+    });
+}
+
+impl GenerationRepo for SqliteStore {
+    fn insert_generations<'a>(&'a self, records: &'a [GenerationRecord]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if records.is_empty() {
+                return Ok(());
+            }
+            let mut tx = self.begin_write().await?;
+            for batch in records.chunks(ROWS_PER_INSERT) {
+                let mut builder =
+                    QueryBuilder::<Sqlite>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
+                push_generation_values(&mut builder, batch);
+                builder.push(" ON CONFLICT (id) DO NOTHING");
+                builder.build().persistent(false).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn get_generation<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<GenerationRecord>, StoreError>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {GENERATION_COLUMNS} FROM generations WHERE id = ?");
+            Ok(sqlx::query_as(&sql).bind(id).fetch_optional(&self.pool).await?)
+        })
+    }
+
+    fn count_generations(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM generations")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+}
+
+impl ChainRepo for SqliteStore {
+    fn list_chains(&self) -> BoxFuture<'_, Result<Vec<ChainRecord>, StoreError>> {
+        Box::pin(async move {
+            let sql = "SELECT org_id, model, steps, updated_at_ms FROM routing_chains ORDER BY org_id, model";
+            Ok(sqlx::query_as(sql).fetch_all(&self.pool).await?)
+        })
+    }
+
+    fn put_chain<'a>(&'a self, chain: &'a ChainRecord) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO routing_chains (org_id, model, steps, updated_at_ms) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (org_id, model) DO UPDATE SET steps = excluded.steps, updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(&chain.org_id)
+            .bind(&chain.model)
+            .bind(&chain.steps)
+            .bind(chain.updated_at_ms)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn delete_chain<'a>(&'a self, org_id: &'a str, model: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query("DELETE FROM routing_chains WHERE org_id = ? AND model = ?")
+                .bind(org_id)
+                .bind(model)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+}

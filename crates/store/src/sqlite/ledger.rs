@@ -1,0 +1,269 @@
+//! SQLite: the append-only ledger and credit leases.
+//!
+//! Every write transaction here starts with `BEGIN IMMEDIATE` (see the module above): in
+//! `open_lease` that makes "is the lease covered?" and "insert it" one step with respect to
+//! every other writer, in this process or another one using the same file.
+
+use std::collections::{BTreeMap, HashSet};
+
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+
+use super::SqliteStore;
+use crate::sql::{
+    add_lease_usage, available, LineKey, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS, LEDGER_ROWS_PER_INSERT,
+};
+use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
+
+fn ledger_insert<'e>(entries: impl IntoIterator<Item = &'e LedgerEntry>) -> QueryBuilder<'e, Sqlite> {
+    let mut builder = QueryBuilder::<Sqlite>::new(format!("INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS}) "));
+    builder.push_values(entries, |mut row, e| {
+        row.push_bind(&e.org_id)
+            .push_bind(e.amount_nanos)
+            .push_bind(&e.currency)
+            .push_bind(&e.kind)
+            .push_bind(&e.reference)
+            .push_bind(&e.key_id)
+            .push_bind(&e.workspace_id)
+            .push_bind(&e.note)
+            .push_bind(e.created_at_ms);
+    });
+    builder.push(" ON CONFLICT (org_id, kind, reference) DO NOTHING");
+    builder
+}
+
+/// `(balance, reserved)` of the org at `now_ms`: the sum of its lines, and the unused part of
+/// its live leases.
+async fn balance_and_reserved(
+    conn: &mut SqliteConnection,
+    org_id: &str,
+    now_ms: i64,
+) -> Result<(i64, i64), StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT \
+           (SELECT COALESCE(SUM(amount_nanos), 0) FROM ledger_entries WHERE org_id = ?), \
+           (SELECT COALESCE(SUM(MAX(amount_nanos - used_nanos, 0)), 0) FROM credit_leases \
+              WHERE org_id = ? AND closed = 0 AND expires_at_ms > ?)",
+    )
+    .bind(org_id)
+    .bind(org_id)
+    .bind(now_ms)
+    .fetch_one(conn)
+    .await?)
+}
+
+impl LedgerRepo for SqliteStore {
+    fn append<'a>(&'a self, entries: &'a [LedgerEntry]) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            if entries.is_empty() {
+                return Ok(0);
+            }
+            let mut tx = self.begin_write().await?;
+            let mut inserted = 0;
+            for chunk in entries.chunks(LEDGER_ROWS_PER_INSERT) {
+                inserted += ledger_insert(chunk).build().persistent(false).execute(&mut *tx).await?.rows_affected();
+            }
+            tx.commit().await?;
+            Ok(inserted)
+        })
+    }
+
+    fn charge<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            if charges.is_empty() {
+                return Ok(0);
+            }
+            let mut tx = self.begin_write().await?;
+            let mut inserted = 0;
+            let mut usage = BTreeMap::new();
+            for chunk in charges.chunks(LEDGER_ROWS_PER_INSERT) {
+                let mut builder = ledger_insert(chunk.iter().map(|c| &c.entry));
+                builder.push(" RETURNING org_id, kind, reference");
+                let rows: Vec<LineKey> = builder.build_query_as().fetch_all(&mut *tx).await?;
+                inserted += rows.len() as u64;
+                add_lease_usage(chunk, rows.into_iter().collect::<HashSet<_>>(), &mut usage);
+            }
+            for ((org_id, lease_id), used) in usage {
+                sqlx::query("UPDATE credit_leases SET used_nanos = used_nanos + ? WHERE id = ? AND org_id = ?")
+                    .bind(used)
+                    .bind(lease_id)
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(inserted)
+        })
+    }
+
+    fn balance<'a>(&'a self, org_id: &'a str) -> BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let (sum,): (i64,) =
+                sqlx::query_as("SELECT COALESCE(SUM(amount_nanos), 0) FROM ledger_entries WHERE org_id = ?")
+                    .bind(org_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+            Ok(sum)
+        })
+    }
+
+    fn totals<'a>(&'a self, org_id: &'a str) -> BoxFuture<'a, Result<(i64, i64), StoreError>> {
+        Box::pin(async move {
+            Ok(sqlx::query_as(
+                "SELECT COALESCE(SUM(amount_nanos), 0), \
+                        COALESCE(SUM(CASE WHEN kind = 'charge' THEN -amount_nanos ELSE 0 END), 0) \
+                 FROM ledger_entries WHERE org_id = ?",
+            )
+            .bind(org_id)
+            .fetch_one(&self.pool)
+            .await?)
+        })
+    }
+
+    fn available<'a>(&'a self, org_id: &'a str, now_ms: i64) -> BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.pool.acquire().await?;
+            let (balance, reserved) = balance_and_reserved(&mut conn, org_id, now_ms).await?;
+            Ok(available(balance, reserved))
+        })
+    }
+
+    fn open_lease<'a>(&'a self, lease: &'a LeaseRecord) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            if lease.amount_nanos < 0 {
+                return Ok(false);
+            }
+            let mut tx = self.begin_write().await?;
+            let org: Option<(String,)> = sqlx::query_as("SELECT id FROM orgs WHERE id = ?")
+                .bind(&lease.org_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if org.is_none() {
+                return Ok(false);
+            }
+            let (balance, reserved) = balance_and_reserved(&mut tx, &lease.org_id, lease.created_at_ms).await?;
+            if available(balance, reserved) < lease.amount_nanos {
+                return Ok(false);
+            }
+            sqlx::query(&format!(
+                "INSERT INTO credit_leases ({LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .bind(&lease.id)
+            .bind(&lease.org_id)
+            .bind(lease.amount_nanos)
+            .bind(lease.used_nanos)
+            .bind(&lease.holder)
+            .bind(lease.expires_at_ms)
+            .bind(lease.closed)
+            .bind(lease.created_at_ms)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    fn renew_lease<'a>(&'a self, id: &'a str, expires_at_ms: i64) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            // An expired lease stays expired: its credit may already be leased to someone else.
+            let done = sqlx::query(
+                "UPDATE credit_leases SET expires_at_ms = ? WHERE id = ? AND closed = 0 AND expires_at_ms > ?",
+            )
+            .bind(expires_at_ms)
+            .bind(id)
+            .bind(crate::sql::unix_now_ms())
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+
+    fn close_lease<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query("UPDATE credit_leases SET closed = 1 WHERE id = ?")
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn get_lease<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<LeaseRecord>, StoreError>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {LEASE_COLUMNS} FROM credit_leases WHERE id = ?");
+            Ok(sqlx::query_as(&sql).bind(id).fetch_optional(&self.pool).await?)
+        })
+    }
+
+    fn workspace_spend_since<'a>(
+        &'a self,
+        org_id: &'a str,
+        workspace_id: &'a str,
+        since_ms: i64,
+    ) -> BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let (spent,): (i64,) = sqlx::query_as(
+                "SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries \
+                 WHERE org_id = ? AND workspace_id = ? AND created_at_ms >= ? AND kind = 'charge'",
+            )
+            .bind(org_id)
+            .bind(workspace_id)
+            .bind(since_ms)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(spent)
+        })
+    }
+
+    fn spend_since<'a>(
+        &'a self,
+        org_id: &'a str,
+        key_id: Option<&'a str>,
+        since_ms: i64,
+    ) -> BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let (spent,): (i64,) = match key_id {
+                Some(key_id) => {
+                    sqlx::query_as(
+                        "SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries \
+                         WHERE key_id = ? AND created_at_ms >= ? AND org_id = ? AND kind = 'charge'",
+                    )
+                    .bind(key_id)
+                    .bind(since_ms)
+                    .bind(org_id)
+                    .fetch_one(&self.pool)
+                    .await?
+                }
+                None => {
+                    sqlx::query_as(
+                        "SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries \
+                         WHERE org_id = ? AND created_at_ms >= ? AND kind = 'charge'",
+                    )
+                    .bind(org_id)
+                    .bind(since_ms)
+                    .fetch_one(&self.pool)
+                    .await?
+                }
+            };
+            Ok(spent)
+        })
+    }
+
+    fn entries<'a>(
+        &'a self,
+        org_id: &'a str,
+        before: Option<i64>,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE org_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
+            );
+            Ok(sqlx::query_as(&sql)
+                .bind(org_id)
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(limit.max(0))
+                .fetch_all(&self.pool)
+                .await?)
+        })
+    }
+}

@@ -1,0 +1,1086 @@
+//! The repository suite, run against every backend: each case below is an `async fn` over a
+//! [`Ctx`], and `suite!` turns it into `sqlite::<case>` (a fresh temp dir) and
+//! `postgres::<case>` (a fresh `marga_test_<uuid>` database, dropped at the end).
+//!
+//! Postgres: `MARGA_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
+//! must let us create databases. When it cannot be reached the Postgres cases fail if
+//! `MARGA_TEST_POSTGRES=1` (as CI sets it) and are skipped with a note otherwise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use marga_store::{
+    AccountRepo, ChainRecord, ChainRepo, Charge, GenerationRecord, GenerationRepo, GuardrailRecord, KeyRecord,
+    LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord, Repos, SettingsRepo, StoreError, WorkspaceRecord,
+};
+use sqlx::{Connection, PgConnection};
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+struct Ctx {
+    repos: Arc<dyn Repos>,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(PgDatabase),
+}
+
+impl Ctx {
+    async fn sqlite() -> Ctx {
+        let dir = tempfile::tempdir().unwrap();
+        let repos = marga_store::open(None, dir.path()).await.unwrap();
+        Ctx {
+            repos,
+            backend: Backend::Sqlite(dir),
+        }
+    }
+
+    /// `None` (after printing why) when Postgres is unreachable and not required.
+    async fn postgres() -> Option<Ctx> {
+        let admin_url = std::env::var("MARGA_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned());
+        let required = std::env::var("MARGA_TEST_POSTGRES").is_ok_and(|v| v == "1");
+        let mut admin = match tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&admin_url)).await {
+            Ok(Ok(conn)) => conn,
+            failure => {
+                let why = match failure {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                if required {
+                    panic!("MARGA_TEST_POSTGRES=1 but Postgres is unreachable at MARGA_TEST_POSTGRES_URL: {why}");
+                }
+                // Straight to stderr (libtest captures `eprintln!` of passing tests), once.
+                static NOTE: std::sync::Once = std::sync::Once::new();
+                NOTE.call_once(|| {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "note: skipping the Postgres cases: cannot connect ({why}); MARGA_TEST_POSTGRES=1 makes this fail"
+                    );
+                });
+                return None;
+            }
+        };
+        let name = format!("marga_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let _ = admin.close().await;
+        let db = PgDatabase {
+            url: with_database(&admin_url, &name),
+            admin_url,
+            name,
+        };
+        let repos = marga_store::open(Some(&db.url), std::path::Path::new("/nonexistent"))
+            .await
+            .unwrap();
+        Some(Ctx {
+            repos,
+            backend: Backend::Postgres(db),
+        })
+    }
+
+    /// A second store over the same database (as another instance, or after a restart).
+    async fn reopen(&self) -> Arc<dyn Repos> {
+        match &self.backend {
+            Backend::Sqlite(dir) => marga_store::open(None, dir.path()).await.unwrap(),
+            Backend::Postgres(db) => marga_store::open(Some(&db.url), std::path::Path::new("/nonexistent"))
+                .await
+                .unwrap(),
+        }
+    }
+}
+
+/// A test database, dropped (connections and all) when the case ends, even by a panic.
+struct PgDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let mut admin = PgConnection::connect(&admin_url).await?;
+                sqlx::query(&sql).execute(&mut admin).await?;
+                admin.close().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("note: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// `admin_url` with its database replaced by `name` (query string kept).
+fn with_database(admin_url: &str, name: &str) -> String {
+    let (scheme, rest) = admin_url.split_once("://").unwrap();
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, format!("?{query}")),
+        None => (rest, String::new()),
+    };
+    let authority = rest.split_once('/').map_or(rest, |(authority, _)| authority);
+    format!("{scheme}://{authority}/{name}{query}")
+}
+
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let ctx = super::Ctx::sqlite().await;
+                    super::$case(&ctx).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let Some(ctx) = super::Ctx::postgres().await else { return };
+                    super::$case(&ctx).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    settings_generations_and_chains_round_trip,
+    orgs_and_keys,
+    keys_are_isolated_between_orgs,
+    workspaces_crud_isolation_and_key_detach,
+    members_upsert_list_delete,
+    guardrails_crud_assignments_and_isolation,
+    ledger_append_is_idempotent_and_balance_exact,
+    ledger_entries_page_newest_first,
+    charge_is_idempotent_and_bumps_lease_usage,
+    open_lease_refuses_when_not_covered,
+    open_lease_race_admits_exactly_the_balance,
+    charges_and_lease_openings_interleave_safely,
+    expired_and_closed_leases_release_their_unused_part,
+    renew_lease_only_while_live,
+    spend_since_per_org_and_per_key,
+    repos_upcast_to_each_repository,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+fn now_ms() -> i64 {
+    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
+fn org(id: &str) -> OrgRecord {
+    OrgRecord {
+        id: id.into(),
+        name: format!("Org {id}"),
+        currency: "INR".into(),
+        timezone: "Asia/Kolkata".into(),
+        created_at_ms: 1_000,
+    }
+}
+
+fn key(id: &str, org_id: &str, created_at_ms: i64) -> KeyRecord {
+    KeyRecord {
+        id: id.into(),
+        org_id: org_id.into(),
+        kind: "inference".into(),
+        name: format!("key {id}"),
+        label: format!("marga_sk_{id}…"),
+        created_at_ms,
+        updated_at_ms: created_at_ms,
+        ..KeyRecord::default()
+    }
+}
+
+fn line(org_id: &str, kind: &str, reference: &str, amount_nanos: i64, created_at_ms: i64) -> LedgerEntry {
+    LedgerEntry {
+        id: 0,
+        org_id: org_id.into(),
+        amount_nanos,
+        currency: "INR".into(),
+        kind: kind.into(),
+        reference: reference.into(),
+        key_id: None,
+        workspace_id: None,
+        note: None,
+        created_at_ms,
+    }
+}
+
+fn charge(org_id: &str, reference: &str, cost_nanos: i64, lease_id: Option<&str>) -> Charge {
+    Charge {
+        entry: line(org_id, "charge", reference, -cost_nanos, 5_000),
+        lease_id: lease_id.map(str::to_owned),
+    }
+}
+
+fn lease(id: &str, org_id: &str, amount_nanos: i64, created_at_ms: i64, expires_at_ms: i64) -> LeaseRecord {
+    LeaseRecord {
+        id: id.into(),
+        org_id: org_id.into(),
+        amount_nanos,
+        used_nanos: 0,
+        holder: "instance-1".into(),
+        expires_at_ms,
+        closed: false,
+        created_at_ms,
+    }
+}
+
+/// An org with `balance` nanos granted.
+async fn funded_org(repos: &dyn Repos, id: &str, balance: i64) {
+    repos.create_org(&org(id)).await.unwrap();
+    repos
+        .append(&[line(id, "grant", "welcome", balance, 1_000)])
+        .await
+        .unwrap();
+}
+
+fn generation(id: &str) -> GenerationRecord {
+    GenerationRecord {
+        id: id.to_owned(),
+        endpoint: "chat".into(),
+        model: "m".into(),
+        status: "success".into(),
+        cost: "0.00042".into(),
+        currency: "USD".into(),
+        attempts: "[]".into(),
+        streamed: true,
+        ttft_ms: Some(12),
+        ..GenerationRecord::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+
+async fn settings_generations_and_chains_round_trip(ctx: &Ctx) {
+    let store = &*ctx.repos;
+    assert_eq!(store.get_setting("k").await.unwrap(), None);
+    store.put_setting("k", "v1").await.unwrap();
+    store.put_setting("k", "v2").await.unwrap();
+    assert_eq!(store.get_setting("k").await.unwrap().as_deref(), Some("v2"));
+
+    let records: Vec<_> = (0..1200).map(|i| generation(&format!("gen-{i}"))).collect();
+    store.insert_generations(&records).await.unwrap();
+    store.insert_generations(&records[..10]).await.unwrap();
+    store.insert_generations(&[]).await.unwrap();
+    assert_eq!(store.count_generations().await.unwrap(), 1200);
+    assert_eq!(store.get_generation("gen-7").await.unwrap(), Some(generation("gen-7")));
+    assert_eq!(store.get_generation("nope").await.unwrap(), None);
+
+    let chain = ChainRecord {
+        org_id: "o".into(),
+        model: "m".into(),
+        steps: "[]".into(),
+        updated_at_ms: 1,
+    };
+    store.put_chain(&chain).await.unwrap();
+    store
+        .put_chain(&ChainRecord {
+            updated_at_ms: 2,
+            ..chain.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_chains().await.unwrap(),
+        vec![ChainRecord {
+            updated_at_ms: 2,
+            ..chain.clone()
+        }]
+    );
+    assert!(store.delete_chain("o", "m").await.unwrap());
+    assert!(!store.delete_chain("o", "m").await.unwrap());
+
+    let reopened = ctx.reopen().await;
+    assert_eq!(reopened.count_generations().await.unwrap(), 1200);
+    assert_eq!(reopened.get_setting("k").await.unwrap().as_deref(), Some("v2"));
+}
+
+async fn orgs_and_keys(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("b")).await.unwrap();
+    repos
+        .create_org(&OrgRecord {
+            created_at_ms: 500,
+            ..org("a")
+        })
+        .await
+        .unwrap();
+    assert!(repos.create_org(&org("a")).await.is_err(), "duplicate org id");
+    assert_eq!(repos.get_org("b").await.unwrap(), Some(org("b")));
+    assert_eq!(repos.get_org("zz").await.unwrap(), None);
+    let ids: Vec<_> = repos.list_orgs().await.unwrap().into_iter().map(|o| o.id).collect();
+    assert_eq!(ids, ["a", "b"]);
+
+    let full = KeyRecord {
+        workspace_id: Some("ws".into()),
+        limit_nanos: Some(5_000_000_000),
+        limit_reset: Some("monthly".into()),
+        rpm_limit: Some(60),
+        daily_limit: Some(200),
+        budget_nanos: Some(9_007_199_254_740_993),
+        trial: true,
+        disabled: false,
+        expires_at_ms: Some(99_999),
+        ..key("k1", "a", 10)
+    };
+    repos.create_key(&full).await.unwrap();
+    repos.create_key(&key("k2", "a", 20)).await.unwrap();
+    repos.create_key(&key("k3", "a", 30)).await.unwrap();
+    assert!(repos.create_key(&key("k1", "a", 40)).await.is_err(), "duplicate key id");
+    assert_eq!(repos.get_key("k1").await.unwrap(), Some(full.clone()));
+    assert_eq!(repos.get_key("nope").await.unwrap(), None);
+
+    // Newest first.
+    let listed: Vec<_> = repos.list_keys("a").await.unwrap().into_iter().map(|k| k.id).collect();
+    assert_eq!(listed, ["k3", "k2", "k1"]);
+
+    // Replace every field; revoke k2.
+    let changed = KeyRecord {
+        name: "renamed".into(),
+        disabled: true,
+        limit_nanos: None,
+        updated_at_ms: 50,
+        ..full
+    };
+    assert!(repos.update_key(&changed).await.unwrap());
+    assert_eq!(repos.get_key("k1").await.unwrap(), Some(changed));
+    let revoked = KeyRecord {
+        revoked_at_ms: Some(60),
+        updated_at_ms: 60,
+        ..key("k2", "a", 20)
+    };
+    assert!(repos.update_key(&revoked).await.unwrap());
+    assert!(!repos.update_key(&key("ghost", "a", 1)).await.unwrap());
+
+    let listed: Vec<_> = repos.list_keys("a").await.unwrap().into_iter().map(|k| k.id).collect();
+    assert_eq!(listed, ["k3", "k1"], "revoked keys are not listed");
+
+    // Revoked keys are reported, oldest change first, strictly after `since`.
+    let changed: Vec<_> = repos
+        .keys_changed_since(30)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.id, k.revoked_at_ms))
+        .collect();
+    assert_eq!(changed, [("k1".to_owned(), None), ("k2".to_owned(), Some(60))]);
+    assert_eq!(repos.keys_changed_since(0).await.unwrap().len(), 3);
+    assert!(repos.keys_changed_since(60).await.unwrap().is_empty());
+}
+
+async fn keys_are_isolated_between_orgs(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    repos.create_key(&key("kb", "b", 10)).await.unwrap();
+
+    // Org A addresses B's key through its own scope: nothing happens.
+    let hijack = KeyRecord {
+        name: "mine now".into(),
+        revoked_at_ms: Some(99),
+        ..key("kb", "a", 10)
+    };
+    assert!(!repos.update_key(&hijack).await.unwrap());
+    assert_eq!(repos.get_key("kb").await.unwrap(), Some(key("kb", "b", 10)));
+    assert!(repos.list_keys("a").await.unwrap().is_empty());
+    assert_eq!(repos.list_keys("b").await.unwrap().len(), 1);
+}
+
+async fn workspaces_crud_isolation_and_key_detach(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    let ws = WorkspaceRecord {
+        id: "w1".into(),
+        org_id: "a".into(),
+        name: "Research".into(),
+        monthly_budget_nanos: Some(7),
+        created_at_ms: 10,
+    };
+    repos.create_workspace(&ws).await.unwrap();
+    repos
+        .create_workspace(&WorkspaceRecord {
+            id: "w2".into(),
+            created_at_ms: 20,
+            ..ws.clone()
+        })
+        .await
+        .unwrap();
+    repos
+        .create_workspace(&WorkspaceRecord {
+            id: "wb".into(),
+            org_id: "b".into(),
+            ..ws.clone()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<_> = repos
+        .list_workspaces("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, ["w1", "w2"]);
+
+    // B cannot touch A's workspace.
+    let hijack = WorkspaceRecord {
+        org_id: "b".into(),
+        name: "pwned".into(),
+        ..ws.clone()
+    };
+    assert!(!repos.update_workspace(&hijack).await.unwrap());
+    assert!(!repos.delete_workspace("b", "w1").await.unwrap());
+    assert_eq!(repos.list_workspaces("a").await.unwrap()[0], ws);
+
+    let renamed = WorkspaceRecord {
+        name: "R&D".into(),
+        monthly_budget_nanos: None,
+        ..ws.clone()
+    };
+    assert!(repos.update_workspace(&renamed).await.unwrap());
+    assert_eq!(repos.list_workspaces("a").await.unwrap()[0], renamed);
+
+    // Deleting a workspace detaches its keys and reports them as changed.
+    repos
+        .create_key(&KeyRecord {
+            workspace_id: Some("w1".into()),
+            ..key("k1", "a", 10)
+        })
+        .await
+        .unwrap();
+    repos
+        .create_key(&KeyRecord {
+            workspace_id: Some("w2".into()),
+            ..key("k2", "a", 10)
+        })
+        .await
+        .unwrap();
+    assert!(repos.delete_workspace("a", "w1").await.unwrap());
+    assert!(!repos.delete_workspace("a", "w1").await.unwrap());
+    let k1 = repos.get_key("k1").await.unwrap().unwrap();
+    assert_eq!(k1.workspace_id, None);
+    assert!(k1.updated_at_ms > 10);
+    let changed: Vec<_> = repos
+        .keys_changed_since(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(changed, ["k1"]);
+    assert_eq!(
+        repos.get_key("k2").await.unwrap().unwrap().workspace_id.as_deref(),
+        Some("w2")
+    );
+    let ids: Vec<_> = repos
+        .list_workspaces("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, ["w2"]);
+    assert_eq!(repos.list_workspaces("b").await.unwrap().len(), 1);
+}
+
+async fn members_upsert_list_delete(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    let m = MemberRecord {
+        org_id: "a".into(),
+        user_id: "u1".into(),
+        email: "u1@example.com".into(),
+        role: "member".into(),
+        created_at_ms: 10,
+    };
+    repos.upsert_member(&m).await.unwrap();
+    repos
+        .upsert_member(&MemberRecord {
+            role: "admin".into(),
+            email: "new@example.com".into(),
+            created_at_ms: 99,
+            ..m.clone()
+        })
+        .await
+        .unwrap();
+    repos
+        .upsert_member(&MemberRecord {
+            user_id: "u2".into(),
+            created_at_ms: 20,
+            ..m.clone()
+        })
+        .await
+        .unwrap();
+    repos
+        .upsert_member(&MemberRecord {
+            org_id: "b".into(),
+            ..m.clone()
+        })
+        .await
+        .unwrap();
+
+    let members = repos.list_members("a").await.unwrap();
+    assert_eq!(members.len(), 2);
+    assert_eq!(
+        members[0],
+        MemberRecord {
+            role: "admin".into(),
+            email: "new@example.com".into(),
+            ..m.clone()
+        },
+        "an upsert updates email and role, and keeps created_at_ms"
+    );
+    assert!(!repos.delete_member("b", "u2").await.unwrap());
+    assert!(repos.delete_member("a", "u1").await.unwrap());
+    assert!(!repos.delete_member("a", "u1").await.unwrap());
+    assert_eq!(repos.list_members("a").await.unwrap().len(), 1);
+    assert_eq!(repos.list_members("b").await.unwrap().len(), 1);
+}
+
+async fn guardrails_crud_assignments_and_isolation(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    for (id, org_id) in [("ka1", "a"), ("ka2", "a"), ("kb1", "b")] {
+        repos.create_key(&key(id, org_id, 10)).await.unwrap();
+    }
+    let g = GuardrailRecord {
+        id: "g1".into(),
+        org_id: "a".into(),
+        name: "no frontier".into(),
+        max_daily_spend_nanos: Some(1),
+        max_weekly_spend_nanos: Some(2),
+        max_monthly_spend_nanos: None,
+        allowed_models: "[]".into(),
+        blocked_models: r#"["openai/gpt-5"]"#.into(),
+        require_zdr: true,
+        created_at_ms: 10,
+        updated_at_ms: 10,
+    };
+    repos.create_guardrail(&g).await.unwrap();
+    let gb = GuardrailRecord {
+        id: "gb".into(),
+        org_id: "b".into(),
+        ..g.clone()
+    };
+    repos.create_guardrail(&gb).await.unwrap();
+    assert_eq!(repos.list_guardrails("a").await.unwrap(), vec![g.clone()]);
+    assert_eq!(repos.all_guardrails().await.unwrap().len(), 2);
+
+    // B cannot update or delete A's guardrail.
+    let hijack = GuardrailRecord {
+        org_id: "b".into(),
+        require_zdr: false,
+        ..g.clone()
+    };
+    assert!(!repos.update_guardrail(&hijack).await.unwrap());
+    assert!(!repos.delete_guardrail("b", "g1").await.unwrap());
+    let updated = GuardrailRecord {
+        max_monthly_spend_nanos: Some(3),
+        updated_at_ms: 20,
+        ..g.clone()
+    };
+    assert!(repos.update_guardrail(&updated).await.unwrap());
+    assert_eq!(repos.list_guardrails("a").await.unwrap(), vec![updated]);
+
+    // Assignments: other orgs' keys and guardrails are ignored.
+    let keys = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        repos
+            .set_guardrail_keys("a", "g1", &keys(&["ka1", "ka2", "kb1", "ghost"]), true)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        repos
+            .set_guardrail_keys("a", "g1", &keys(&["ka1"]), true)
+            .await
+            .unwrap(),
+        0,
+        "already assigned"
+    );
+    assert_eq!(
+        repos
+            .set_guardrail_keys("b", "g1", &keys(&["kb1"]), true)
+            .await
+            .unwrap(),
+        0,
+        "not B's guardrail"
+    );
+    assert_eq!(
+        repos
+            .set_guardrail_keys("a", "gb", &keys(&["ka1"]), true)
+            .await
+            .unwrap(),
+        0,
+        "not A's guardrail"
+    );
+    assert_eq!(
+        repos
+            .set_guardrail_keys("b", "gb", &keys(&["kb1"]), true)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        repos
+            .set_guardrail_keys("b", "g1", &keys(&["ka1"]), false)
+            .await
+            .unwrap(),
+        0,
+        "B cannot unassign"
+    );
+    let pairs = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|(g, k)| ((*g).to_owned(), (*k).to_owned()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        repos.all_guardrail_keys().await.unwrap(),
+        pairs(&[("g1", "ka1"), ("g1", "ka2"), ("gb", "kb1")])
+    );
+    assert_eq!(
+        repos
+            .set_guardrail_keys("a", "g1", &keys(&["ka2"]), false)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        repos.all_guardrail_keys().await.unwrap(),
+        pairs(&[("g1", "ka1"), ("gb", "kb1")])
+    );
+
+    // Deleting a guardrail drops its assignments.
+    assert!(repos.delete_guardrail("a", "g1").await.unwrap());
+    assert!(!repos.delete_guardrail("a", "g1").await.unwrap());
+    assert_eq!(repos.all_guardrail_keys().await.unwrap(), pairs(&[("gb", "kb1")]));
+    assert_eq!(repos.all_guardrails().await.unwrap(), vec![gb]);
+}
+
+async fn ledger_append_is_idempotent_and_balance_exact(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    assert_eq!(repos.balance("a").await.unwrap(), 0);
+    assert_eq!(repos.append(&[]).await.unwrap(), 0);
+
+    // 2^53 + 1 is not representable as an f64: a float anywhere on the way would show.
+    let big = 9_007_199_254_740_993_i64;
+    let lines = vec![
+        line("a", "topup", "pay_1", big, 1_000),
+        line("a", "grant", "welcome", 100_000_000, 1_001),
+        line("a", "charge", "gen_1", -200_000_001, 1_002),
+        line("a", "topup", "pay_1", big, 1_003), // the same line again, in the same batch
+        line("a", "refund", "gen_1", 1, 1_004),  // same reference, another kind: a new line
+        line("b", "topup", "pay_1", 5, 1_005),   // same reference, another org: a new line
+    ];
+    assert_eq!(repos.append(&lines).await.unwrap(), 5);
+    assert_eq!(
+        repos.append(&lines).await.unwrap(),
+        0,
+        "appending the same lines again is a no-op"
+    );
+    assert_eq!(repos.append(&lines[..1]).await.unwrap(), 0);
+    assert_eq!(repos.balance("a").await.unwrap(), big + 100_000_000 - 200_000_001 + 1);
+    assert_eq!(repos.balance("b").await.unwrap(), 5);
+    assert_eq!(
+        repos.totals("a").await.unwrap(),
+        (big + 100_000_000 - 200_000_001 + 1, 200_000_001),
+        "(balance, charges) together"
+    );
+    assert_eq!(repos.totals("b").await.unwrap(), (5, 0));
+    assert_eq!(repos.totals("nobody").await.unwrap(), (0, 0));
+    assert_eq!(
+        repos.available("a", 2_000).await.unwrap(),
+        big + 100_000_000 - 200_000_001 + 1
+    );
+
+    // Many lines in one call (more than one INSERT statement), and the balance is their sum.
+    let many: Vec<_> = (0..1234)
+        .map(|i| line("b", "charge", &format!("gen_{i}"), -(i * 1_000 + 7), 2_000 + i))
+        .collect();
+    assert_eq!(repos.append(&many).await.unwrap(), 1234);
+    let expected = 5 - (0..1234).map(|i| i * 1_000 + 7).sum::<i64>();
+    assert_eq!(repos.balance("b").await.unwrap(), expected);
+    assert_eq!(ctx.reopen().await.balance("b").await.unwrap(), expected);
+}
+
+async fn ledger_entries_page_newest_first(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    let lines: Vec<_> = (0..5)
+        .map(|i| line("a", "charge", &format!("g{i}"), -i, 100 + i))
+        .collect();
+    repos.append(&lines).await.unwrap();
+    repos.append(&[line("b", "charge", "x", -1, 1)]).await.unwrap();
+
+    let first = repos.entries("a", None, 3).await.unwrap();
+    let refs: Vec<_> = first.iter().map(|e| e.reference.as_str()).collect();
+    assert_eq!(refs, ["g4", "g3", "g2"]);
+    assert!(first[0].id > first[1].id);
+    assert_eq!(
+        first[0],
+        LedgerEntry {
+            id: first[0].id,
+            ..lines[4].clone()
+        }
+    );
+    let rest = repos.entries("a", Some(first[2].id), 10).await.unwrap();
+    let refs: Vec<_> = rest.iter().map(|e| e.reference.as_str()).collect();
+    assert_eq!(refs, ["g1", "g0"]);
+    assert!(repos.entries("a", Some(rest[1].id), 10).await.unwrap().is_empty());
+    assert_eq!(repos.entries("b", None, 10).await.unwrap().len(), 1);
+}
+
+async fn charge_is_idempotent_and_bumps_lease_usage(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    funded_org(repos, "a", 1_000).await;
+    funded_org(repos, "b", 1_000).await;
+    let now = now_ms();
+    assert!(repos
+        .open_lease(&lease("l1", "a", 500, now, now + 60_000))
+        .await
+        .unwrap());
+    assert_eq!(repos.available("a", now).await.unwrap(), 500);
+
+    let batch = vec![
+        charge("a", "gen_1", 100, Some("l1")),
+        charge("a", "gen_2", 50, Some("l1")),
+        charge("a", "gen_2", 50, Some("l1")), // repeated within the batch: counted once
+        charge("a", "gen_3", 25, None),       // outside any lease
+        charge("b", "gen_4", 10, Some("l1")), // another org's line cannot bump A's lease
+    ];
+    assert_eq!(repos.charge(&batch).await.unwrap(), 4);
+    assert_eq!(repos.get_lease("l1").await.unwrap().unwrap().used_nanos, 150);
+    assert_eq!(repos.balance("a").await.unwrap(), 1_000 - 175);
+    // Charged under the lease: already reserved, so only the unleased 25 lowers `available`.
+    assert_eq!(repos.available("a", now).await.unwrap(), 1_000 - 175 - (500 - 150));
+
+    // Retrying the whole batch (a flush that timed out but had committed) changes nothing.
+    assert_eq!(repos.charge(&batch).await.unwrap(), 0);
+    assert_eq!(repos.get_lease("l1").await.unwrap().unwrap().used_nanos, 150);
+    assert_eq!(repos.balance("a").await.unwrap(), 1_000 - 175);
+    assert_eq!(repos.charge(&[]).await.unwrap(), 0);
+
+    // A lease overdrawn by its charges reserves nothing more (never a negative reservation).
+    assert_eq!(repos.charge(&[charge("a", "gen_5", 400, Some("l1"))]).await.unwrap(), 1);
+    assert_eq!(repos.get_lease("l1").await.unwrap().unwrap().used_nanos, 550);
+    assert_eq!(repos.available("a", now).await.unwrap(), 1_000 - 575);
+}
+
+async fn open_lease_refuses_when_not_covered(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    funded_org(repos, "a", 100).await;
+    let (t, exp) = (10_000, 20_000);
+    assert!(repos.open_lease(&lease("l1", "a", 60, t, exp)).await.unwrap());
+    assert!(
+        !repos.open_lease(&lease("l2", "a", 50, t, exp)).await.unwrap(),
+        "only 40 left"
+    );
+    assert_eq!(repos.get_lease("l2").await.unwrap(), None);
+    assert!(repos.open_lease(&lease("l3", "a", 40, t, exp)).await.unwrap());
+    assert_eq!(repos.available("a", t).await.unwrap(), 0);
+    assert!(!repos.open_lease(&lease("l4", "a", 1, t, exp)).await.unwrap());
+    assert!(
+        repos.open_lease(&lease("l5", "a", 0, t, exp)).await.unwrap(),
+        "a zero lease is covered"
+    );
+    assert!(
+        !repos.open_lease(&lease("l6", "a", -10, t, exp)).await.unwrap(),
+        "negative amounts are refused"
+    );
+    assert!(
+        !repos.open_lease(&lease("l7", "nobody", 0, t, exp)).await.unwrap(),
+        "unknown org"
+    );
+    assert!(
+        repos.open_lease(&lease("l1", "a", 0, t, exp)).await.is_err(),
+        "duplicate lease id"
+    );
+    assert_eq!(repos.get_lease("l1").await.unwrap(), Some(lease("l1", "a", 60, t, exp)));
+
+    // A top-up makes room again; a negative balance covers nothing.
+    repos.append(&[line("a", "topup", "pay_1", 30, t)]).await.unwrap();
+    assert!(repos.open_lease(&lease("l8", "a", 30, t, exp)).await.unwrap());
+    funded_org(repos, "debtor", -5).await;
+    assert!(!repos.open_lease(&lease("l9", "debtor", 0, t, exp)).await.unwrap());
+}
+
+/// 50 tasks race for a 10-unit lease each against a balance of 100, on as many connections as
+/// the pool gives them: exactly 10 win.
+async fn open_lease_race_admits_exactly_the_balance(ctx: &Ctx) {
+    funded_org(&*ctx.repos, "a", 100).await;
+    // A second store (another "instance", with its own pool) races the first one.
+    let other = ctx.reopen().await;
+    let now = now_ms();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let repos = if i % 2 == 0 {
+                Arc::clone(&ctx.repos)
+            } else {
+                Arc::clone(&other)
+            };
+            tokio::spawn(async move {
+                repos
+                    .open_lease(&lease(&format!("l{i}"), "a", 10, now, now + 60_000))
+                    .await
+            })
+        })
+        .collect();
+    let mut opened = 0;
+    for task in tasks {
+        if task.await.unwrap().unwrap() {
+            opened += 1;
+        }
+    }
+    assert_eq!(opened, 10);
+    assert_eq!(ctx.repos.available("a", now).await.unwrap(), 0);
+    assert_eq!(other.available("a", now).await.unwrap(), 0);
+    assert_eq!(ctx.repos.balance("a").await.unwrap(), 100);
+}
+
+/// Charges (which insert ledger lines, hence reference the org row) and lease openings (which
+/// lock it) run concurrently without deadlock or lost updates.
+async fn charges_and_lease_openings_interleave_safely(ctx: &Ctx) {
+    funded_org(&*ctx.repos, "a", 1_000_000).await;
+    let now = now_ms();
+    assert!(ctx
+        .repos
+        .open_lease(&lease("base", "a", 100_000, now, now + 60_000))
+        .await
+        .unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let repos = Arc::clone(&ctx.repos);
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let charges: Vec<_> = (0..5)
+                    .map(|j| charge("a", &format!("g{i}-{j}"), 7, Some("base")))
+                    .collect();
+                repos.charge(&charges).await.map(|n| n == 5)
+            } else {
+                repos
+                    .open_lease(&lease(&format!("l{i}"), "a", 1_000, now, now + 60_000))
+                    .await
+            }
+        }));
+    }
+    for task in tasks {
+        assert!(task.await.unwrap().unwrap());
+    }
+    let repos = &*ctx.repos;
+    assert_eq!(repos.get_lease("base").await.unwrap().unwrap().used_nanos, 20 * 5 * 7);
+    assert_eq!(repos.balance("a").await.unwrap(), 1_000_000 - 700);
+    assert_eq!(
+        repos.available("a", now).await.unwrap(),
+        1_000_000 - 700 - (100_000 - 700) - 20 * 1_000
+    );
+}
+
+async fn expired_and_closed_leases_release_their_unused_part(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    funded_org(repos, "a", 1_000).await;
+    assert!(repos.open_lease(&lease("l1", "a", 600, 1_000, 2_000)).await.unwrap());
+    assert!(repos.open_lease(&lease("l2", "a", 300, 1_000, 9_000)).await.unwrap());
+    repos.charge(&[charge("a", "gen_1", 100, Some("l1"))]).await.unwrap();
+    // Balance 900; live leases reserve 500 (l1) + 300 (l2).
+    assert_eq!(repos.available("a", 1_500).await.unwrap(), 100);
+    assert!(!repos.open_lease(&lease("l3", "a", 500, 1_500, 9_000)).await.unwrap());
+    // At its expiry l1 stops reserving (its charges stay): its credit can be leased again.
+    assert_eq!(repos.available("a", 2_000).await.unwrap(), 600);
+    assert!(repos.open_lease(&lease("l3", "a", 500, 2_000, 9_000)).await.unwrap());
+    assert_eq!(repos.available("a", 2_000).await.unwrap(), 100);
+    // Closing releases too, and a closed lease stays closed.
+    repos.close_lease("l2").await.unwrap();
+    repos.close_lease("l2").await.unwrap();
+    repos.close_lease("ghost").await.unwrap();
+    assert!(repos.get_lease("l2").await.unwrap().unwrap().closed);
+    assert_eq!(repos.available("a", 2_000).await.unwrap(), 400);
+    assert_eq!(repos.balance("a").await.unwrap(), 900);
+}
+
+async fn renew_lease_only_while_live(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    funded_org(repos, "a", 1_000).await;
+    let now = now_ms();
+    assert!(repos
+        .open_lease(&lease("live", "a", 100, now, now + 60_000))
+        .await
+        .unwrap());
+    assert!(repos
+        .open_lease(&lease("expired", "a", 100, now - 10_000, now - 1))
+        .await
+        .unwrap());
+    assert!(repos.renew_lease("live", now + 120_000).await.unwrap());
+    assert_eq!(
+        repos.get_lease("live").await.unwrap().unwrap().expires_at_ms,
+        now + 120_000
+    );
+    assert!(
+        !repos.renew_lease("expired", now + 120_000).await.unwrap(),
+        "its credit may be leased again"
+    );
+    assert!(!repos.renew_lease("ghost", now + 120_000).await.unwrap());
+    repos.close_lease("live").await.unwrap();
+    assert!(!repos.renew_lease("live", now + 180_000).await.unwrap());
+    assert_eq!(repos.available("a", now).await.unwrap(), 1_000);
+}
+
+async fn spend_since_per_org_and_per_key(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    let with_key = |mut e: LedgerEntry, key: &str| {
+        e.key_id = Some(key.into());
+        e
+    };
+    repos
+        .append(&[
+            line("a", "topup", "pay", 1_000_000, 100),
+            with_key(line("a", "charge", "g1", -10, 100), "k1"),
+            with_key(line("a", "charge", "g2", -20, 200), "k1"),
+            with_key(line("a", "charge", "g3", -40, 300), "k2"),
+            with_key(line("a", "refund", "g3", 40, 300), "k2"),
+            with_key(line("b", "charge", "g4", -80, 300), "k1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(repos.spend_since("a", None, 0).await.unwrap(), 70);
+    assert_eq!(
+        repos.spend_since("a", None, 200).await.unwrap(),
+        60,
+        "since is inclusive"
+    );
+    assert_eq!(repos.spend_since("a", None, 301).await.unwrap(), 0);
+    assert_eq!(repos.spend_since("a", Some("k1"), 0).await.unwrap(), 30);
+    assert_eq!(repos.spend_since("a", Some("k1"), 150).await.unwrap(), 20);
+    assert_eq!(
+        repos.spend_since("a", Some("k2"), 0).await.unwrap(),
+        40,
+        "refunds are not netted"
+    );
+    assert_eq!(repos.spend_since("b", Some("k1"), 0).await.unwrap(), 80);
+    assert_eq!(repos.spend_since("b", Some("k2"), 0).await.unwrap(), 0);
+    assert_eq!(repos.spend_since("zz", None, 0).await.unwrap(), 0);
+}
+
+/// `Arc<dyn Repos>` coerces to each repository trait object (trait upcasting).
+async fn repos_upcast_to_each_repository(ctx: &Ctx) {
+    let settings: Arc<dyn SettingsRepo> = ctx.repos.clone();
+    let generations: Arc<dyn GenerationRepo> = ctx.repos.clone();
+    let chains: Arc<dyn ChainRepo> = ctx.repos.clone();
+    let accounts: Arc<dyn AccountRepo> = ctx.repos.clone();
+    let ledger: Arc<dyn LedgerRepo> = ctx.repos.clone();
+    settings.put_setting("k", "v").await.unwrap();
+    assert_eq!(generations.count_generations().await.unwrap(), 0);
+    assert!(chains.list_chains().await.unwrap().is_empty());
+    accounts.create_org(&org("a")).await.unwrap();
+    assert_eq!(ledger.balance("a").await.unwrap(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend selection (no database needed)
+
+#[tokio::test]
+async fn open_refuses_unknown_url_schemes_without_echoing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = marga_store::open(Some("mysql://root:hunter2@db/marga"), dir.path())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(&err, StoreError::UnsupportedDatabaseUrl { scheme } if scheme == "mysql"));
+    assert!(!err.to_string().contains("hunter2"));
+    assert!(marga_store::open(Some("marga.db"), dir.path()).await.is_err());
+}
+
+#[tokio::test]
+async fn open_without_url_is_sqlite_in_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let repos = marga_store::open(Some("  "), &dir.path().join("nested")).await.unwrap();
+    repos.put_setting("k", "v").await.unwrap();
+    assert!(dir.path().join("nested/marga.db").exists());
+}
+
+#[test]
+fn test_database_urls_keep_credentials_and_options() {
+    assert_eq!(
+        with_database("postgres://u:p@h:1/postgres", "x"),
+        "postgres://u:p@h:1/x"
+    );
+    assert_eq!(with_database("postgresql://h", "x"), "postgresql://h/x");
+    assert_eq!(
+        with_database("postgres://h/db?sslmode=disable", "x"),
+        "postgres://h/x?sslmode=disable"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency (run by hand: `cargo test -p marga-store --release --test repos -- --ignored --nocapture`)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_open_lease_and_charge_latency() {
+    let mut backends = vec![("sqlite", Ctx::sqlite().await)];
+    if let Some(pg) = Ctx::postgres().await {
+        backends.push(("postgres", pg));
+    }
+    for (name, ctx) in &backends {
+        let repos = &*ctx.repos;
+        funded_org(repos, "a", i64::MAX / 2).await;
+        let now = now_ms();
+        let mut open = Vec::new();
+        let mut single = Vec::new();
+        let mut batch = Vec::new();
+        for i in 0..300 {
+            let started = Instant::now();
+            assert!(repos
+                .open_lease(&lease(&format!("l{i}"), "a", 1_000, now, now + 600_000))
+                .await
+                .unwrap());
+            open.push(started.elapsed());
+            let started = Instant::now();
+            repos
+                .charge(&[charge("a", &format!("s{i}"), 3, Some("l0"))])
+                .await
+                .unwrap();
+            single.push(started.elapsed());
+            let charges: Vec<_> = (0..100)
+                .map(|j| charge("a", &format!("b{i}-{j}"), 3, Some("l0")))
+                .collect();
+            let started = Instant::now();
+            repos.charge(&charges).await.unwrap();
+            batch.push(started.elapsed());
+        }
+        for (what, mut samples) in [("open_lease", open), ("charge x1", single), ("charge x100", batch)] {
+            samples.sort();
+            let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+            eprintln!("{name:>8} {what:<12} p50 {:>9.3?} p99 {:>9.3?}", p(0.5), p(0.99));
+        }
+    }
+}
