@@ -159,8 +159,7 @@ async fn admin_connection(admin_url: &str) -> PgConnection {
 /// `marga_e2e_template_<hash of the Postgres migrations>`: a database with the migrations
 /// applied, built when missing and kept, so that each test database is a cheap copy rather
 /// than ~200 ms of migrations. Built under an advisory lock (concurrent test processes) as
-/// `marga_e2e_building_<uuid>` and renamed when complete; templates of other migrations are
-/// dropped on the way (best effort). Connections to it are refused: `CREATE DATABASE …
+/// `marga_e2e_building_<uuid>` and renamed when complete. Connections to it are refused: `CREATE DATABASE …
 /// TEMPLATE` needs it idle.
 async fn template(admin_url: &str) -> String {
     let name = format!("marga_e2e_template_{}", migrations_hash());
@@ -174,29 +173,38 @@ async fn template(admin_url: &str) -> String {
         .await
         .expect("look for the template");
     if !exists {
-        let stale: Vec<String> = sqlx::query_scalar(
-            "SELECT datname::text FROM pg_database WHERE datname LIKE 'marga\\_e2e\\_template\\_%' OR datname LIKE 'marga\\_e2e\\_building\\_%'",
-        )
-        .fetch_all(&mut admin)
-        .await
-        .expect("list old templates");
-        for old in stale {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {old}")).execute(&mut admin).await;
-        }
         let building = format!("marga_e2e_building_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(&format!("CREATE DATABASE {building}")).execute(&mut admin).await.expect("create the template");
         let store = marga_store::PgStore::connect(&with_database(admin_url, &building)).await.expect("migrate the template");
         store.close().await;
-        for sql in [
-            format!("ALTER DATABASE {building} RENAME TO {name}"),
-            format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"),
-        ] {
-            sqlx::query(&sql).execute(&mut admin).await.expect("publish the template");
-        }
+        publish_template(&mut admin, &building, &name).await;
     }
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK).execute(&mut admin).await;
     let _ = admin.close().await;
     name
+}
+
+/// Renames the freshly migrated `building` database to `name` and closes it to connections.
+/// A closed pool's server sessions end asynchronously, so the rename is retried while
+/// Postgres still counts them (55006 "being accessed by other users"). Templates of other
+/// migrations are left alone: another test process (another branch) may be copying them.
+async fn publish_template(admin: &mut PgConnection, building: &str, name: &str) {
+    let rename = format!("ALTER DATABASE {building} RENAME TO {name}");
+    let mut tries = 0;
+    loop {
+        match sqlx::query(&rename).execute(&mut *admin).await {
+            Ok(_) => break,
+            Err(e) if tries < 100 && e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55006") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("publish the template: {e}"),
+        }
+    }
+    sqlx::query(&format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"))
+        .execute(&mut *admin)
+        .await
+        .expect("close the template to connections");
 }
 
 /// A short hash of the store's Postgres migrations (names and contents).
