@@ -301,32 +301,33 @@ async fn recover(repo: &dyn LedgerRepo, path: &std::path::Path) -> Result<Journa
 /// journal once everything written to it is committed.
 async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, Waiter)>, journal: Option<Arc<Journal>>) {
     let mut committed_since_truncate = 0u64;
+    // Charges were left waiting by a full batch: commit them without another window.
+    let mut behind = false;
     while let Some(first) = rx.recv().await {
-        // A journaled charge is already durable: gather more for up to COMMIT_WINDOW so that a
-        // steady trickle of requests shares commits. A waiter (no journal) is committed at once.
-        let deadline = tokio::time::Instant::now() + COMMIT_WINDOW;
-        let gather = first.1.is_none();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) if gather => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(item)) => batch.push(item),
-                    Ok(None) | Err(_) => break,
-                },
-                Err(_) => break,
+        // A journaled charge is already durable: let more arrive for COMMIT_WINDOW so that a
+        // steady trickle of requests shares commits. Sleeping through the window (rather than
+        // waking for each charge) costs one wake-up per commit. A waiter (no journal) is
+        // committed at once.
+        if first.1.is_none() && !behind {
+            tokio::time::sleep(COMMIT_WINDOW).await;
+        }
+        let (mut charges, mut waiters) = (Vec::with_capacity(64), Vec::new());
+        let mut next = Some(first);
+        while let Some((charge, waiter)) = next.take() {
+            charges.push(charge);
+            waiters.extend(waiter);
+            if charges.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
             }
         }
-        let charges: Vec<Charge> = batch.iter().map(|(c, _)| c.clone()).collect();
-        let journaled = batch.iter().filter(|(_, w)| w.is_none()).count() as u64;
+        behind = !rx.is_empty();
+        let journaled = (charges.len() - waiters.len()) as u64;
         let result = commit_with_retry(repo.as_ref(), &charges, journaled > 0).await;
         if result.is_ok() {
             committed_since_truncate += journaled;
         }
-        for (_, waiter) in batch {
-            if let Some(done) = waiter {
-                let _ = done.send(result.clone());
-            }
+        for done in waiters {
+            let _ = done.send(result.clone());
         }
         if let (Some(journal), true) = (&journal, rx.is_empty()) {
             match journal.truncate_if_committed(committed_since_truncate) {

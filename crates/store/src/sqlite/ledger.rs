@@ -51,6 +51,26 @@ async fn balance_and_reserved(
     .await?)
 }
 
+/// The keys of those `charges` whose ledger line is already recorded.
+async fn existing_lines(conn: &mut SqliteConnection, charges: &[Charge]) -> Result<HashSet<LineKey>, StoreError> {
+    let mut existing = HashSet::new();
+    for chunk in charges.chunks(LEDGER_ROWS_PER_INSERT) {
+        let mut query = QueryBuilder::<Sqlite>::new("SELECT l.org_id, l.kind, l.reference FROM (");
+        query.push_values(chunk, |mut row, charge| {
+            row.push_bind(&charge.entry.org_id).push_bind(&charge.entry.kind).push_bind(&charge.entry.reference);
+        });
+        // The join walks the few looked-for keys and probes the unique (org_id, kind, reference)
+        // index for each.
+        query.push(
+            ") AS v JOIN ledger_entries AS l \
+             ON l.org_id = v.column1 AND l.kind = v.column2 AND l.reference = v.column3",
+        );
+        let rows: Vec<LineKey> = query.build_query_as().persistent(false).fetch_all(&mut *conn).await?;
+        existing.extend(rows);
+    }
+    Ok(existing)
+}
+
 impl LedgerRepo for SqliteStore {
     fn append<'a>(&'a self, entries: &'a [LedgerEntry]) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
@@ -73,15 +93,22 @@ impl LedgerRepo for SqliteStore {
                 return Ok(0);
             }
             let mut tx = self.begin_write().await?;
+            // Which of these lines exist already (a replayed journal): normally none, so one
+            // statement that returns no row. `RETURNING` on the insert would stream every
+            // inserted row back through sqlx's worker channel, one hand-off per row.
+            let existing = existing_lines(&mut tx, charges).await?;
             let mut inserted = 0;
-            let mut usage = BTreeMap::new();
             for chunk in charges.chunks(LEDGER_ROWS_PER_INSERT) {
-                let mut builder = ledger_insert(chunk.iter().map(|c| &c.entry));
-                builder.push(" RETURNING org_id, kind, reference");
-                let rows: Vec<LineKey> = builder.build_query_as().fetch_all(&mut *tx).await?;
-                inserted += rows.len() as u64;
-                add_lease_usage(chunk, rows.into_iter().collect::<HashSet<_>>(), &mut usage);
+                let mut insert = ledger_insert(chunk.iter().map(|c| &c.entry));
+                inserted += insert.build().persistent(false).execute(&mut *tx).await?.rows_affected();
             }
+            let new_lines: HashSet<LineKey> = charges
+                .iter()
+                .map(|c| (c.entry.org_id.clone(), c.entry.kind.clone(), c.entry.reference.clone()))
+                .filter(|key| !existing.contains(key))
+                .collect();
+            let mut usage = BTreeMap::new();
+            add_lease_usage(charges, new_lines, &mut usage);
             for ((org_id, lease_id), used) in usage {
                 sqlx::query("UPDATE credit_leases SET used_nanos = used_nanos + ? WHERE id = ? AND org_id = ?")
                     .bind(used)
