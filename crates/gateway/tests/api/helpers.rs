@@ -159,8 +159,8 @@ async fn admin_connection(admin_url: &str) -> PgConnection {
 /// `marga_e2e_template_<hash of the Postgres migrations>`: a database with the migrations
 /// applied, built when missing and kept, so that each test database is a cheap copy rather
 /// than ~200 ms of migrations. Built under an advisory lock (concurrent test processes) as
-/// `marga_e2e_building_<uuid>` and renamed when complete. Connections to it are refused: `CREATE DATABASE …
-/// TEMPLATE` needs it idle.
+/// `marga_e2e_building_<uuid>` and renamed when complete. Connections to it are refused:
+/// `CREATE DATABASE … TEMPLATE` needs it idle.
 async fn template(admin_url: &str) -> String {
     let name = format!("marga_e2e_template_{}", migrations_hash());
     let mut admin = admin_connection(admin_url).await;
@@ -185,7 +185,8 @@ async fn template(admin_url: &str) -> String {
 }
 
 /// Renames the freshly migrated `building` database to `name` and closes it to connections.
-/// A closed pool's server sessions end asynchronously, so the rename is retried while
+/// A closed pool's server sessions end asynchronously (a retry of 5 s was seen to be not
+/// enough), so lingering sessions on `building` are terminated and the rename retried while
 /// Postgres still counts them (55006 "being accessed by other users"). Templates of other
 /// migrations are left alone: another test process (another branch) may be copying them.
 async fn publish_template(admin: &mut PgConnection, building: &str, name: &str) {
@@ -196,6 +197,10 @@ async fn publish_template(admin: &mut PgConnection, building: &str, name: &str) 
             Ok(_) => break,
             Err(e) if tries < 100 && e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55006") => {
                 tries += 1;
+                let _ = sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+                    .bind(building)
+                    .execute(&mut *admin)
+                    .await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => panic!("publish the template: {e}"),
