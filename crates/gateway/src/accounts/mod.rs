@@ -3,9 +3,11 @@
 //!
 //! The cache is filled at start and kept fresh by a task that asks the store for keys changed
 //! since its last look, every [`REFRESH_EVERY`]. A key revoked or changed on any instance (they
-//! share the database) takes effect everywhere within that interval.
+//! share the database) takes effect everywhere within that interval; so do member roles and
+//! guardrail assignments, which each refresh reloads whole (at most 50 members per org).
 
 mod model;
+pub mod roles;
 pub mod timezone;
 
 use std::collections::HashMap;
@@ -13,9 +15,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use marga_store::{AccountRepo, GuardrailRecord, KeyRecord, OrgRecord, StoreError, WorkspaceRecord};
+use marga_store::{
+    AccountRepo, GuardrailRecord, KeyRecord, MemberChange, MemberRecord, MemberRepo, OrgRecord, Repos, StoreError,
+    WorkspaceRecord,
+};
 
 pub use model::{KeyInfo, KeyKind, OrgInfo, Principal};
+pub use roles::{Action, Role};
 
 use crate::error::ApiError;
 use crate::keys::KeyHash;
@@ -30,6 +36,11 @@ pub const DEFAULT_ORG: &str = "default";
 pub const MANAGEMENT_PREFIX: &str = "marga_mg";
 /// Prefix of inference keys.
 pub const INFERENCE_PREFIX: &str = "marga_sk";
+/// The member of the default organisation the master key acts as (an owner).
+pub const OPERATOR_MEMBER: &str = "operator";
+
+/// Org id → member user id → value.
+type ByMember<T> = HashMap<String, HashMap<String, T>>;
 
 #[derive(Default)]
 struct Cache {
@@ -41,12 +52,16 @@ struct Cache {
     guardrails: HashMap<String, Arc<GuardrailRecord>>,
     /// Workspace id → its record (for monthly budgets).
     workspaces: HashMap<String, Arc<WorkspaceRecord>>,
+    /// Every member's role: a management key acts with its member's.
+    roles: ByMember<Role>,
+    /// The guardrail assigned to a member (it applies to the member's keys).
+    member_guardrails: ByMember<Arc<GuardrailRecord>>,
     /// The newest `updated_at_ms` seen.
     cursor: i64,
 }
 
 pub struct Accounts {
-    repo: Arc<dyn AccountRepo>,
+    repo: Arc<dyn Repos>,
     master: KeyHash,
     master_principal: Principal,
     cache: RwLock<Cache>,
@@ -54,7 +69,7 @@ pub struct Accounts {
 
 impl Accounts {
     /// Makes sure the default organisation exists and loads every org and key.
-    pub async fn start(repo: Arc<dyn AccountRepo>, master: KeyHash, default_currency: &str) -> Result<Accounts, StoreError> {
+    pub async fn start(repo: Arc<dyn Repos>, master: KeyHash, default_currency: &str) -> Result<Accounts, StoreError> {
         let default = match repo.get_org(DEFAULT_ORG).await? {
             Some(org) => org,
             None => {
@@ -69,8 +84,17 @@ impl Accounts {
                 org
             }
         };
+        let operator = MemberRecord {
+            org_id: DEFAULT_ORG.to_owned(),
+            user_id: OPERATOR_MEMBER.to_owned(),
+            email: String::new(),
+            role: Role::Owner.as_str().to_owned(),
+            created_at_ms: crate::pipeline::unix_now_ms(),
+        };
+        // `Duplicate` when it exists already (or another instance just made it).
+        let _: MemberChange = repo.add_member(&operator).await?;
         let default = Arc::new(OrgInfo::from_record(&default));
-        let master_principal = Principal { org: default, key: Arc::new(KeyInfo::master()) };
+        let master_principal = Principal { org: default, key: Arc::new(KeyInfo::master()), role: Some(Role::Owner) };
         let accounts = Accounts { repo, master, master_principal, cache: RwLock::new(Cache::default()) };
         accounts.refresh().await?;
         Ok(accounts)
@@ -85,7 +109,10 @@ impl Accounts {
         let changed = self.repo.keys_changed_since(cursor).await?;
         let guardrails = self.guardrails_by_key().await?;
         let workspaces = self.repo.all_workspaces().await?;
+        let (roles, member_guardrails) = self.load_members().await?;
         let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.roles = roles;
+        cache.member_guardrails = member_guardrails;
         cache.workspaces = workspaces.into_iter().map(|w| (w.id.clone(), Arc::new(w))).collect();
         // Merged, never replaced: a refresh that read the list just before a local write must
         // not drop what that write added (organisations are never deleted).
@@ -107,10 +134,39 @@ impl Accounts {
         Ok(assignments.into_iter().filter_map(|(gid, key)| Some((key, all.get(&gid)?.clone()))).collect())
     }
 
-    /// Reloads guardrails at once after a local change.
+    /// Every member's role and every member's guardrail.
+    async fn load_members(&self) -> Result<(ByMember<Role>, ByMember<Arc<GuardrailRecord>>), StoreError> {
+        let mut roles: ByMember<Role> = HashMap::new();
+        for m in self.repo.all_members().await? {
+            if let Some(role) = Role::parse(&m.role) {
+                roles.entry(m.org_id).or_default().insert(m.user_id, role);
+            }
+        }
+        let all: HashMap<String, Arc<GuardrailRecord>> =
+            self.repo.all_guardrails().await?.into_iter().map(|g| (g.id.clone(), Arc::new(g))).collect();
+        let mut guardrails: ByMember<Arc<GuardrailRecord>> = HashMap::new();
+        for a in self.repo.all_guardrail_members().await? {
+            if let Some(g) = all.get(&a.guardrail_id).filter(|g| g.org_id == a.org_id) {
+                guardrails.entry(a.org_id).or_default().insert(a.user_id, Arc::clone(g));
+            }
+        }
+        Ok((roles, guardrails))
+    }
+
+    /// Reloads members' roles at once after a local change.
+    pub async fn refresh_members(&self) -> Result<(), StoreError> {
+        self.refresh_guardrails().await
+    }
+
+    /// Reloads guardrails, their assignments and members' roles at once after a local change
+    /// (other instances see it on their next refresh).
     pub async fn refresh_guardrails(&self) -> Result<(), StoreError> {
         let guardrails = self.guardrails_by_key().await?;
-        self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner).guardrails = guardrails;
+        let (roles, member_guardrails) = self.load_members().await?;
+        let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.guardrails = guardrails;
+        cache.roles = roles;
+        cache.member_guardrails = member_guardrails;
         Ok(())
     }
 
@@ -130,9 +186,20 @@ impl Accounts {
         }
     }
 
-    /// The guardrail assigned to a key.
-    pub fn guardrail_of(&self, key_id: &str) -> Option<Arc<GuardrailRecord>> {
-        self.read().guardrails.get(key_id).cloned()
+    /// The guardrails that apply to a key: its own and its member's (both are enforced).
+    pub fn guardrails_of(&self, key: &KeyInfo) -> Vec<Arc<GuardrailRecord>> {
+        let cache = self.read();
+        let own = cache.guardrails.get(&key.id);
+        let member = key.member_id.as_deref().and_then(|m| cache.member_guardrails.get(&key.org_id)?.get(m));
+        match (own, member) {
+            (Some(a), Some(b)) if a.id == b.id => vec![Arc::clone(a)],
+            (a, b) => a.into_iter().chain(b).cloned().collect(),
+        }
+    }
+
+    /// A member's role, from the cache.
+    pub fn role_of(&self, org_id: &str, user_id: &str) -> Option<Role> {
+        self.read().roles.get(org_id)?.get(user_id).copied()
     }
 
     /// Keeps the cache fresh until the returned task is aborted.
@@ -172,7 +239,15 @@ impl Accounts {
             return Err(ApiError::InvalidApiKey);
         }
         let org = cache.orgs.get(&key.org_id).ok_or(ApiError::InvalidApiKey)?;
-        Ok(Principal { org: org.clone(), key: key.clone() })
+        // A management key acts with its member's role; without a member it is refused.
+        let role = match key.kind {
+            KeyKind::Management => {
+                let member = key.member_id.as_deref().ok_or(ApiError::InvalidApiKey)?;
+                Some(*cache.roles.get(&key.org_id).and_then(|m| m.get(member)).ok_or(ApiError::InvalidApiKey)?)
+            }
+            _ => None,
+        };
+        Ok(Principal { org: org.clone(), key: key.clone(), role })
     }
 
     /// An organisation by id, from the cache.
@@ -193,6 +268,10 @@ impl Accounts {
     }
 
     pub fn repo(&self) -> &dyn AccountRepo {
+        self.repo.as_ref()
+    }
+
+    pub fn members(&self) -> &dyn MemberRepo {
         self.repo.as_ref()
     }
 }
