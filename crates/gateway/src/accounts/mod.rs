@@ -52,12 +52,18 @@ struct Cache {
     guardrails: HashMap<String, Arc<GuardrailRecord>>,
     /// Workspace id → its record (for monthly budgets).
     workspaces: HashMap<String, Arc<WorkspaceRecord>>,
+    /// Workspaces written here since the last load applied (`None`: deleted), replayed over
+    /// the next load so that a load that read before the write does not undo it.
+    noted_workspaces: Vec<(String, Option<Arc<WorkspaceRecord>>)>,
     /// Every member's role: a management key acts with its member's.
     roles: ByMember<Role>,
     /// The guardrail assigned to a member (it applies to the member's keys).
     member_guardrails: ByMember<Arc<GuardrailRecord>>,
     /// The newest `updated_at_ms` seen.
     cursor: i64,
+    /// Which load the replaced-whole parts (guardrails, assignments, roles, workspaces) come
+    /// from: a load that started before one already applied is stale and is not applied.
+    loaded: u64,
 }
 
 pub struct Accounts {
@@ -65,6 +71,8 @@ pub struct Accounts {
     master: KeyHash,
     master_principal: Principal,
     cache: RwLock<Cache>,
+    /// Numbers the loads of the replaced-whole parts, in the order they start.
+    loads: std::sync::atomic::AtomicU64,
 }
 
 impl Accounts {
@@ -95,7 +103,13 @@ impl Accounts {
         let _: MemberChange = repo.add_member(&operator).await?;
         let default = Arc::new(OrgInfo::from_record(&default));
         let master_principal = Principal { org: default, key: Arc::new(KeyInfo::master()), role: Some(Role::Owner) };
-        let accounts = Accounts { repo, master, master_principal, cache: RwLock::new(Cache::default()) };
+        let accounts = Accounts {
+            repo,
+            master,
+            master_principal,
+            cache: RwLock::new(Cache::default()),
+            loads: std::sync::atomic::AtomicU64::new(1),
+        };
         accounts.refresh().await?;
         Ok(accounts)
     }
@@ -107,19 +121,33 @@ impl Accounts {
         let cursor = self.read().cursor.saturating_sub(CURSOR_OVERLAP_MS);
         let orgs = self.repo.list_orgs().await?;
         let changed = self.repo.keys_changed_since(cursor).await?;
+        let load = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let guardrails = self.guardrails_by_key().await?;
         let workspaces = self.repo.all_workspaces().await?;
         let (roles, member_guardrails) = self.load_members().await?;
         let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.roles = roles;
-        cache.member_guardrails = member_guardrails;
-        cache.workspaces = workspaces.into_iter().map(|w| (w.id.clone(), Arc::new(w))).collect();
+        // Replaced whole, unless a load that started later (after a local write) is applied.
+        if load > cache.loaded {
+            cache.loaded = load;
+            cache.roles = roles;
+            cache.member_guardrails = member_guardrails;
+            cache.guardrails = guardrails;
+            let mut workspaces: HashMap<String, Arc<WorkspaceRecord>> =
+                workspaces.into_iter().map(|w| (w.id.clone(), Arc::new(w))).collect();
+            // Workspaces noted locally since the load began are kept.
+            for (id, ws) in std::mem::take(&mut cache.noted_workspaces) {
+                match ws {
+                    Some(ws) => workspaces.insert(id, ws),
+                    None => workspaces.remove(&id),
+                };
+            }
+            cache.workspaces = workspaces;
+        }
         // Merged, never replaced: a refresh that read the list just before a local write must
         // not drop what that write added (organisations are never deleted).
         for org in &orgs {
             cache.orgs.insert(org.id.clone(), Arc::new(OrgInfo::from_record(org)));
         }
-        cache.guardrails = guardrails;
         for record in changed {
             cache.cursor = cache.cursor.max(record.updated_at_ms);
             apply_change(&mut cache, record);
@@ -161,12 +189,16 @@ impl Accounts {
     /// Reloads guardrails, their assignments and members' roles at once after a local change
     /// (other instances see it on their next refresh).
     pub async fn refresh_guardrails(&self) -> Result<(), StoreError> {
+        let load = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let guardrails = self.guardrails_by_key().await?;
         let (roles, member_guardrails) = self.load_members().await?;
         let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.guardrails = guardrails;
-        cache.roles = roles;
-        cache.member_guardrails = member_guardrails;
+        if load > cache.loaded {
+            cache.loaded = load;
+            cache.guardrails = guardrails;
+            cache.roles = roles;
+            cache.member_guardrails = member_guardrails;
+        }
         Ok(())
     }
 
@@ -179,10 +211,13 @@ impl Accounts {
     pub fn note_workspace(&self, record: Option<WorkspaceRecord>, deleted_id: Option<&str>) {
         let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(record) = record {
-            cache.workspaces.insert(record.id.clone(), Arc::new(record));
+            let record = Arc::new(record);
+            cache.workspaces.insert(record.id.clone(), Arc::clone(&record));
+            cache.noted_workspaces.push((record.id.clone(), Some(record)));
         }
         if let Some(id) = deleted_id {
             cache.workspaces.remove(id);
+            cache.noted_workspaces.push((id.to_owned(), None));
         }
     }
 
