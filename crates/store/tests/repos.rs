@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marga_store::{
     AccountRepo, ChainRecord, ChainRepo, Charge, GenerationRecord, GenerationRepo, GuardrailRecord, KeyRecord,
-    LeaseRecord, LedgerEntry, LedgerRepo, MemberChange, MemberRecord, MemberRepo, OrgRecord, RateClaim, RateRepo,
+    LeaseRecord, LedgerEntry, LedgerRepo, MemberChange, MemberRecord, OrgRecord, RateClaim,
     Repos, SettingsRepo, StoreError, WorkspaceRecord, MAX_MEMBERS,
 };
 use sqlx::{Connection, PgConnection};
