@@ -1265,3 +1265,40 @@ async fn concurrent_rate_claims_grant_exactly_the_limit(ctx: &Ctx) {
     }
     assert_eq!(total, 50, "40 claims of 1 to 3 ask for 79; exactly the limit is granted");
 }
+
+/// One rate-limit claim (what an instance pays once per chunk of allowance), sequentially and
+/// with 8 concurrent claimers of one window (instances contending for one hot key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_rate_claim_latency() {
+    let mut backends = vec![("sqlite", Ctx::sqlite().await)];
+    if let Some(pg) = Ctx::postgres().await {
+        backends.push(("postgres", pg));
+    }
+    for (name, ctx) in &backends {
+        let mut alone = Vec::new();
+        for i in 0..300 {
+            let started = Instant::now();
+            ctx.repos.claim_rate(&claim(&format!("k:{i}:m"), 1_800_000_000_000, 1_000, 100)).await.unwrap();
+            alone.push(started.elapsed());
+        }
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let repos = ctx.repos.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        repos.claim_rate(&claim("k:hot:m", 1_800_000_000_000 + i * 60_000, 1_000_000, 1 + t)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let contended = started.elapsed() / 400;
+        alone.sort();
+        let p = |q: f64| alone[((alone.len() as f64 * q) as usize).min(alone.len() - 1)];
+        eprintln!("{name:>8} claim_rate     p50 {:>9.3?} p99 {:>9.3?}; 8 claimers of one key: {contended:>9.3?} per claim", p(0.5), p(0.99));
+    }
+}

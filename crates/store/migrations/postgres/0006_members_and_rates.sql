@@ -39,6 +39,8 @@ CREATE TABLE rate_windows (
     scope           TEXT NOT NULL,
     window_start_ms BIGINT NOT NULL,
     count           BIGINT NOT NULL,
+    -- What the last claim granted (Postgres returns it from its one-statement claim).
+    last_granted    BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, window_start_ms)
 );
 

@@ -39,6 +39,8 @@ CREATE TABLE rate_windows (
     scope           TEXT NOT NULL,
     window_start_ms INTEGER NOT NULL,
     count           INTEGER NOT NULL,
+    -- What the last claim granted (Postgres returns it from its one-statement claim).
+    last_granted    INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, window_start_ms)
 ) STRICT;
 

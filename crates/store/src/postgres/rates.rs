@@ -1,49 +1,42 @@
-//! [`RateRepo`] on Postgres: the window's row is created if missing, then locked
-//! (`FOR UPDATE`), so concurrent claims of one window — from any instance — queue up and each
-//! sees the count the previous one committed.
+//! [`RateRepo`] on Postgres: a claim is one `INSERT … ON CONFLICT DO UPDATE` statement (one
+//! round trip). The upsert locks the window's row and computes the grant from the row's latest
+//! committed count, so concurrent claims of one window — from any instance — queue up on the
+//! row and each sees what the previous one granted. The previous window's count is read in the
+//! same statement (it no longer changes, but for claims racing a minute boundary, which at
+//! worst carry a little less).
 
 use super::PgStore;
 use crate::rates::{RateClaim, RateGrant, RateRepo};
 use crate::{BoxFuture, StoreError};
 
+/// `$1` scope, `$2` window start, `$3` previous window start (NULL: none), `$4` carry weight in
+/// millionths, `$5` wanted, `$6` limit. The grant is `min(want, limit − carried − count)`, never
+/// negative, as [`RateGrant::compute`] computes it.
+const CLAIM: &str = "\
+WITH carried AS (
+    SELECT (COALESCE((SELECT count FROM rate_windows WHERE scope = $1 AND window_start_ms = $3), 0) * $4 + 999999)
+           / 1000000 AS c
+)
+INSERT INTO rate_windows AS w (scope, window_start_ms, count, last_granted)
+SELECT $1, $2, g, g FROM (SELECT LEAST($5, GREATEST(0, $6 - c)) AS g FROM carried) AS first
+ON CONFLICT (scope, window_start_ms) DO UPDATE
+SET last_granted = LEAST($5, GREATEST(0, $6 - (SELECT c FROM carried) - w.count)),
+    count = w.count + LEAST($5, GREATEST(0, $6 - (SELECT c FROM carried) - w.count))
+RETURNING w.last_granted, w.count, (SELECT c FROM carried)";
+
 impl RateRepo for PgStore {
     fn claim_rate<'a>(&'a self, claim: &'a RateClaim) -> BoxFuture<'a, Result<RateGrant, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO rate_windows (scope, window_start_ms, count) VALUES ($1, $2, 0) \
-                 ON CONFLICT (scope, window_start_ms) DO NOTHING",
-            )
-            .bind(&claim.scope)
-            .bind(claim.window_start_ms)
-            .execute(&mut *tx)
-            .await?;
-            let count: i64 = sqlx::query_scalar("SELECT count FROM rate_windows WHERE scope = $1 AND window_start_ms = $2 FOR UPDATE")
+            let (granted, count, carried): (i64, i64, i64) = sqlx::query_as(CLAIM)
                 .bind(&claim.scope)
                 .bind(claim.window_start_ms)
-                .fetch_one(&mut *tx)
+                .bind(claim.previous_start_ms)
+                .bind(claim.carry_ppm.clamp(0, 1_000_000))
+                .bind(claim.want.max(0))
+                .bind(claim.limit)
+                .fetch_one(&self.pool)
                 .await?;
-            let previous: Option<i64> = match claim.previous_start_ms {
-                Some(start) => {
-                    sqlx::query_scalar("SELECT count FROM rate_windows WHERE scope = $1 AND window_start_ms = $2")
-                        .bind(&claim.scope)
-                        .bind(start)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                }
-                None => None,
-            };
-            let grant = RateGrant::compute(claim, count, previous.unwrap_or(0));
-            if grant.granted > 0 {
-                sqlx::query("UPDATE rate_windows SET count = $1 WHERE scope = $2 AND window_start_ms = $3")
-                    .bind(grant.count)
-                    .bind(&claim.scope)
-                    .bind(claim.window_start_ms)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-            Ok(grant)
+            Ok(RateGrant { granted, count, carried })
         })
     }
 

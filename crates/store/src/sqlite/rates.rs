@@ -23,12 +23,14 @@ impl RateRepo for SqliteStore {
             let grant = RateGrant::compute(claim, count.unwrap_or(0), previous.unwrap_or(0));
             if grant.granted > 0 {
                 sqlx::query(
-                    "INSERT INTO rate_windows (scope, window_start_ms, count) VALUES (?, ?, ?) \
-                     ON CONFLICT (scope, window_start_ms) DO UPDATE SET count = excluded.count",
+                    "INSERT INTO rate_windows (scope, window_start_ms, count, last_granted) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT (scope, window_start_ms) DO UPDATE SET count = excluded.count, \
+                     last_granted = excluded.last_granted",
                 )
                 .bind(&claim.scope)
                 .bind(claim.window_start_ms)
                 .bind(grant.count)
+                .bind(grant.granted)
                 .execute(&mut *tx)
                 .await?;
             }
