@@ -41,6 +41,8 @@ pub const OPERATOR_MEMBER: &str = "operator";
 
 /// Org id → member user id → value.
 type ByMember<T> = HashMap<String, HashMap<String, T>>;
+/// Every guardrail by id, and key id → its guardrail.
+type Guardrails = (HashMap<String, Arc<GuardrailRecord>>, HashMap<String, Arc<GuardrailRecord>>);
 
 #[derive(Default)]
 struct Cache {
@@ -122,9 +124,9 @@ impl Accounts {
         let orgs = self.repo.list_orgs().await?;
         let changed = self.repo.keys_changed_since(cursor).await?;
         let load = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let guardrails = self.guardrails_by_key().await?;
+        let (all, guardrails) = self.guardrails_by_key().await?;
         let workspaces = self.repo.all_workspaces().await?;
-        let (roles, member_guardrails) = self.load_members().await?;
+        let (roles, member_guardrails) = self.load_members(&all).await?;
         let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Replaced whole, unless a load that started later (after a local write) is applied.
         if load > cache.loaded {
@@ -155,23 +157,26 @@ impl Accounts {
         Ok(())
     }
 
-    async fn guardrails_by_key(&self) -> Result<HashMap<String, Arc<GuardrailRecord>>, StoreError> {
+    /// Every guardrail by id, and the one assigned to each key.
+    async fn guardrails_by_key(&self) -> Result<Guardrails, StoreError> {
         let all: HashMap<String, Arc<GuardrailRecord>> =
             self.repo.all_guardrails().await?.into_iter().map(|g| (g.id.clone(), Arc::new(g))).collect();
         let assignments = self.repo.all_guardrail_keys().await?;
-        Ok(assignments.into_iter().filter_map(|(gid, key)| Some((key, all.get(&gid)?.clone()))).collect())
+        let by_key = assignments.into_iter().filter_map(|(gid, key)| Some((key, all.get(&gid)?.clone()))).collect();
+        Ok((all, by_key))
     }
 
-    /// Every member's role and every member's guardrail.
-    async fn load_members(&self) -> Result<(ByMember<Role>, ByMember<Arc<GuardrailRecord>>), StoreError> {
+    /// Every member's role and every member's guardrail (`all`: every guardrail by id).
+    async fn load_members(
+        &self,
+        all: &HashMap<String, Arc<GuardrailRecord>>,
+    ) -> Result<(ByMember<Role>, ByMember<Arc<GuardrailRecord>>), StoreError> {
         let mut roles: ByMember<Role> = HashMap::new();
         for m in self.repo.all_members().await? {
             if let Some(role) = Role::parse(&m.role) {
                 roles.entry(m.org_id).or_default().insert(m.user_id, role);
             }
         }
-        let all: HashMap<String, Arc<GuardrailRecord>> =
-            self.repo.all_guardrails().await?.into_iter().map(|g| (g.id.clone(), Arc::new(g))).collect();
         let mut guardrails: ByMember<Arc<GuardrailRecord>> = HashMap::new();
         for a in self.repo.all_guardrail_members().await? {
             if let Some(g) = all.get(&a.guardrail_id).filter(|g| g.org_id == a.org_id) {
@@ -190,8 +195,8 @@ impl Accounts {
     /// (other instances see it on their next refresh).
     pub async fn refresh_guardrails(&self) -> Result<(), StoreError> {
         let load = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let guardrails = self.guardrails_by_key().await?;
-        let (roles, member_guardrails) = self.load_members().await?;
+        let (all, guardrails) = self.guardrails_by_key().await?;
+        let (roles, member_guardrails) = self.load_members(&all).await?;
         let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if load > cache.loaded {
             cache.loaded = load;

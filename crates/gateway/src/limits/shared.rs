@@ -11,8 +11,9 @@
 //!
 //! Chunks start at a tenth of the limit (at most 100) and shrink to a quarter of the room the
 //! instance last saw, so that allowance left unused on another instance at the end of a window
-//! stays small. Nothing is admitted without allowance: when the database cannot be reached and
-//! the allowance is used up, the request is refused with 503 (fail closed).
+//! stays small. Nothing is admitted without allowance: when the database cannot be reached (or
+//! does not answer within 2 s) and the allowance is used up, the request is refused with 503
+//! (fail closed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,9 @@ use super::{minute_start, seconds_until, Entry, Limits, Quota, Refusal, DAY_MS, 
 
 /// The largest chunk an instance claims at once.
 const MAX_CHUNK: i64 = 100;
+/// How long a claim may take before the request is refused (503) rather than left waiting
+/// behind a database that does not answer.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// When a request is counted, in the scope's terms.
 pub(super) struct At {
@@ -159,10 +163,17 @@ pub(super) async fn admit(
 }
 
 async fn claim(repo: &dyn RateRepo, claim: &RateClaim) -> Result<RateGrant, Refusal> {
-    repo.claim_rate(claim).await.map_err(|e| {
-        tracing::warn!(error = %e, "cannot claim rate-limit allowance from the database; refusing (fail closed)");
-        Refusal::Unavailable
-    })
+    match tokio::time::timeout(CLAIM_TIMEOUT, repo.claim_rate(claim)).await {
+        Ok(Ok(grant)) => Ok(grant),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot claim rate-limit allowance from the database; refusing (fail closed)");
+            Err(Refusal::Unavailable)
+        }
+        Err(_) => {
+            tracing::warn!("claiming rate-limit allowance took over {CLAIM_TIMEOUT:?}; refusing (fail closed)");
+            Err(Refusal::Unavailable)
+        }
+    }
 }
 
 fn minute_claim(at: &At, limit: u32, held: &Allowance) -> RateClaim {
