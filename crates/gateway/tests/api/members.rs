@@ -287,3 +287,34 @@ async fn another_orgs_member_and_guardrail_ids_answer_404_and_change_nothing() {
     let listed_b = get(&app, &b.owner, "/me/members").await.body.to_string();
     assert!(!listed_b.contains(&a.member_id) && !listed_b.contains(&a.owner_id), "B lists A's members");
 }
+
+#[tokio::test]
+async fn a_keys_own_guardrail_and_its_members_both_apply_and_assigning_replaces() {
+    let app = spawn_app().await;
+    let t = team(&app).await;
+    grant(&app, &t.org, "5").await;
+    let (key, hash) = new_key(&app, &t.owner, json!({"name": "m", "creator_user_id": t.member_id})).await;
+    let new_guardrail = |body: Value| {
+        let app = &app;
+        let owner = t.owner.clone();
+        async move { post(app, &owner, "/v1/guardrails", &body).await.body["data"]["id"].as_str().expect("id").to_owned() }
+    };
+    let open = new_guardrail(json!({"name": "open"})).await;
+    let no_echo = new_guardrail(json!({"name": "no-echo", "blocked_models": ["sandbox/echo"]})).await;
+    // The key's own guardrail allows everything; the member's blocks echo: both apply.
+    assert_eq!(post(&app, &t.owner, &format!("/v1/guardrails/{open}/keys"), &json!({"key_hashes": [hash]})).await.body["assigned_count"], 1);
+    assert_eq!(post(&app, &key, "/v1/chat/completions", &chat(8)).await.status, 200);
+    post(&app, &t.owner, &format!("/v1/guardrails/{no_echo}/members"), &json!({"member_user_ids": [t.member_id]})).await;
+    assert_forbidden(&post(&app, &key, "/v1/chat/completions", &chat(8)).await, "the member's guardrail too");
+    // Assigning the member to another guardrail replaces: echo is allowed again.
+    let moved = post(&app, &t.owner, &format!("/v1/guardrails/{open}/assignments/members"), &json!({"member_user_ids": [t.member_id]})).await;
+    assert_eq!(moved.body["assigned_count"], 1, "{}", moved.body);
+    assert_eq!(get(&app, &t.owner, &format!("/v1/guardrails/{no_echo}/assignments/members")).await.body["total_count"], 0);
+    assert_eq!(post(&app, &key, "/v1/chat/completions", &chat(8)).await.status, 200);
+    // Likewise for keys.
+    post(&app, &t.owner, &format!("/v1/guardrails/{no_echo}/assignments/keys"), &json!({"key_hashes": [hash]})).await;
+    assert_eq!(get(&app, &t.owner, &format!("/v1/guardrails/{open}/assignments/keys")).await.body["total_count"], 0);
+    let listed = get(&app, &t.owner, &format!("/v1/guardrails/{no_echo}/assignments/keys")).await;
+    assert_eq!(listed.body["data"][0]["key_hash"], json!(hash), "{}", listed.body);
+    assert_forbidden(&post(&app, &key, "/v1/chat/completions", &chat(8)).await, "the key's new guardrail");
+}
