@@ -56,8 +56,8 @@ pub struct Billing {
 
 impl Admission {
     /// Counts the request against its key's and IP's per-minute and per-day limits.
-    pub fn count(&self, principal: &Principal, ip: Option<&str>) -> Result<Quota, ApiError> {
-        self.limiter.admit(principal, ip, &self.defaults, unix_now_ms()).map_err(|refusal| match refusal {
+    pub async fn count(&self, principal: &Principal, ip: Option<&str>) -> Result<Quota, ApiError> {
+        self.limiter.admit(principal, ip, &self.defaults, unix_now_ms()).await.map_err(|refusal| match refusal {
             Refusal::PerMinute { limit, retry_after_s } => ApiError::RateLimited {
                 code: "rate_limit_exceeded",
                 message: format!("rate limit of {limit} requests per minute reached"),
@@ -68,12 +68,16 @@ impl Admission {
                 message: format!("daily limit of {limit} requests reached; it resets at midnight"),
                 retry_after_s,
             },
+            Refusal::Unavailable => {
+                ApiError::Unavailable { message: "the rate-limit store is unavailable; try again shortly".to_owned() }
+            }
         })
     }
 
-    /// The guardrail assigned to the caller's key, if any.
-    pub fn guardrail(&self, principal: &Principal) -> Option<Arc<GuardrailRecord>> {
-        self.accounts.guardrail_of(&principal.key.id)
+    /// The guardrails that apply to the caller's key: its own and its member's (from the
+    /// in-memory cache).
+    pub fn guardrails(&self, principal: &Principal) -> Vec<Arc<GuardrailRecord>> {
+        self.accounts.guardrails_of(&principal.key)
     }
 
     /// Holds the spend caps and reserves credit for at most `max_cost` (in the route's
@@ -135,7 +139,7 @@ impl Admission {
                 });
             }
         }
-        if let Some(g) = self.guardrail(principal) {
+        for g in self.guardrails(principal) {
             let name = &g.name;
             for (period, value) in [
                 (Period::Day, g.max_daily_spend_nanos),

@@ -76,12 +76,20 @@ impl App {
         let journal = config.data_dir.join("charges.journal");
         let (ledger, ledger_writer) = Ledger::start(store.clone(), lease_ttl, Some(&journal)).await?;
         let health_sync = crate::routing::shared::HealthSync::new(store.clone(), &registry).spawn();
-        let background = vec![accounts.spawn_refresher(), ledger.spawn_renewer(), health_sync];
+        let mut background = vec![accounts.spawn_refresher(), ledger.spawn_renewer(), health_sync];
+        // Several instances share Postgres: request counts are global. SQLite: one instance,
+        // counted in memory.
+        let limiter = if config.database_url.as_deref().is_some_and(|url| !url.trim().is_empty()) {
+            background.push(crate::limits::spawn_pruner(store.clone()));
+            Limiter::shared(store.clone())
+        } else {
+            Limiter::local()
+        };
         let admission = Admission {
             accounts,
             spend: SpendTracker::new(store.clone()),
             ledger,
-            limiter: Limiter::default(),
+            limiter,
             defaults: LimitDefaults {
                 key_rpm: config.limits.default_key_rpm,
                 ip_rpm: config.limits.ip_rpm,

@@ -50,6 +50,9 @@ pub struct KeyRecord {
     /// Set when deleted (revoked); revoked keys stay for the record and are returned by
     /// `keys_changed_since` so that caches drop them.
     pub revoked_at_ms: Option<i64>,
+    /// The member the key belongs to (`members.user_id`): a management key acts with that
+    /// member's role; a guardrail assigned to the member applies to the key.
+    pub member_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
@@ -144,8 +147,8 @@ pub trait AccountRepo: Send + Sync {
     fn list_guardrails<'a>(&'a self, org_id: &'a str) -> BoxFuture<'a, Result<Vec<GuardrailRecord>, StoreError>>;
     /// Every guardrail of every org, for the in-memory cache.
     fn all_guardrails(&self) -> BoxFuture<'_, Result<Vec<GuardrailRecord>, StoreError>>;
-    /// Assigns (or with `assigned = false` unassigns) a guardrail to keys; ids of other orgs
-    /// are ignored. Returns how many assignments changed.
+    /// Assigns (or with `assigned = false` unassigns) a guardrail to keys; a key holds at most
+    /// one guardrail, so assigning replaces its other one. Ids of other orgs are ignored. Returns how many assignments changed.
     fn set_guardrail_keys<'a>(
         &'a self,
         org_id: &'a str,

@@ -2,13 +2,16 @@
 //!
 //! Architecture invariant: this is the only crate that contains SQL. The gateway sees
 //! repository traits ([`SettingsRepo`], [`GenerationRepo`], [`ChainRepo`], [`AccountRepo`],
-//! [`LedgerRepo`], all of them together as [`Repos`]) and plain record structs; which database
+//! [`LedgerRepo`], [`MemberRepo`], [`RateRepo`], all of them together as [`Repos`]) and plain
+//! record structs; which database
 //! sits behind them is decided once, at start, by [`open`]: SQLite ([`SqliteStore`], embedded,
 //! the default) or Postgres ([`PgStore`], for several instances sharing one database).
 
 mod accounts;
 mod health;
+mod members;
 mod postgres;
+mod rates;
 mod record;
 mod sql;
 mod sqlite;
@@ -24,6 +27,8 @@ pub use accounts::{
 };
 pub use postgres::PgStore;
 pub use health::{HealthRepo, RouteHealthRecord};
+pub use members::{GuardrailMemberRecord, MemberChange, MemberRepo, MAX_MEMBERS};
+pub use rates::{RateClaim, RateGrant, RateRepo};
 pub use record::{ChainRecord, GenerationRecord};
 pub use sqlite::SqliteStore;
 
@@ -70,10 +75,23 @@ pub trait ChainRepo: Send + Sync {
 
 /// Every repository, as one object: what [`open`] returns. `Arc<dyn Repos>` coerces to
 /// `Arc<dyn SettingsRepo>`, `Arc<dyn LedgerRepo>`, … (trait upcasting, Rust 1.86+).
-pub trait Repos: SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + Send + Sync {}
+pub trait Repos:
+    SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + MemberRepo + RateRepo + Send + Sync
+{
+}
 
 impl<T> Repos for T where
-    T: SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + Send + Sync + ?Sized
+    T: SettingsRepo
+        + GenerationRepo
+        + ChainRepo
+        + AccountRepo
+        + LedgerRepo
+        + HealthRepo
+        + MemberRepo
+        + RateRepo
+        + Send
+        + Sync
+        + ?Sized
 {
 }
 

@@ -13,7 +13,7 @@ pub(crate) const GENERATION_COLUMNS: &str = "id, created_at_ms, org_id, key_id, 
 pub(crate) const ORG_COLUMNS: &str = "id, name, currency, timezone, created_at_ms";
 
 pub(crate) const KEY_COLUMNS: &str = "id, org_id, workspace_id, kind, name, label, limit_nanos, limit_reset, \
-    rpm_limit, daily_limit, budget_nanos, trial, disabled, expires_at_ms, created_at_ms, updated_at_ms, revoked_at_ms";
+    rpm_limit, daily_limit, budget_nanos, trial, disabled, expires_at_ms, created_at_ms, updated_at_ms, revoked_at_ms, member_id";
 
 pub(crate) const WORKSPACE_COLUMNS: &str = "id, org_id, name, monthly_budget_nanos, created_at_ms";
 

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marga_store::{
     AccountRepo, ChainRecord, ChainRepo, Charge, GenerationRecord, GenerationRepo, GuardrailRecord, KeyRecord,
-    LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord, Repos, SettingsRepo, StoreError, WorkspaceRecord,
+    LeaseRecord, LedgerEntry, LedgerRepo, MemberChange, MemberRecord, OrgRecord, RateClaim,
+    Repos, SettingsRepo, StoreError, WorkspaceRecord, MAX_MEMBERS,
 };
 use sqlx::{Connection, PgConnection};
 
@@ -178,6 +179,13 @@ suite!(
     renew_lease_only_while_live,
     spend_since_per_org_and_per_key,
     repos_upcast_to_each_repository,
+    members_keep_an_owner_a_cap_and_unique_emails,
+    removing_a_member_revokes_their_management_keys_only,
+    concurrent_demotions_never_leave_an_org_without_owner,
+    guardrail_member_assignments_replace_and_stay_in_their_org,
+    guardrail_key_assignment_replaces_the_keys_other_guardrail,
+    rate_claims_never_pass_the_limit_and_carry_the_previous_window,
+    concurrent_rate_claims_grant_exactly_the_limit,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1082,5 +1090,215 @@ async fn measure_open_lease_and_charge_latency() {
             let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
             eprintln!("{name:>8} {what:<12} p50 {:>9.3?} p99 {:>9.3?}", p(0.5), p(0.99));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Members, member guardrails, shared rate windows
+
+fn member(org_id: &str, user_id: &str, role: &str) -> MemberRecord {
+    MemberRecord {
+        org_id: org_id.into(),
+        user_id: user_id.into(),
+        email: format!("{user_id}@example.com"),
+        role: role.into(),
+        created_at_ms: 10,
+    }
+}
+
+async fn members_keep_an_owner_a_cap_and_unique_emails(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    assert_eq!(repos.add_member(&member("a", "boss", "owner")).await.unwrap(), MemberChange::Done);
+    let shouting = MemberRecord { user_id: "other".into(), email: "BOSS@example.com".into(), ..member("a", "x", "member") };
+    assert_eq!(repos.add_member(&shouting).await.unwrap(), MemberChange::Duplicate, "emails compare without case");
+    assert_eq!(repos.add_member(&member("a", "boss", "member")).await.unwrap(), MemberChange::Duplicate);
+    assert_eq!(repos.add_member(&member("b", "boss", "owner")).await.unwrap(), MemberChange::Done, "per org");
+    assert_eq!(repos.add_member(&member("zz", "u", "owner")).await.unwrap_or(MemberChange::NotFound), MemberChange::NotFound);
+
+    assert_eq!(repos.set_member_role("a", "boss", "admin").await.unwrap(), MemberChange::LastOwner);
+    assert_eq!(repos.remove_member("a", "boss", now_ms()).await.unwrap(), MemberChange::LastOwner);
+    assert_eq!(repos.set_member_role("a", "nobody", "admin").await.unwrap(), MemberChange::NotFound);
+    assert_eq!(repos.set_member_role("b", "u1", "admin").await.unwrap(), MemberChange::NotFound);
+    for i in 1..MAX_MEMBERS {
+        assert_eq!(repos.add_member(&member("a", &format!("u{i}"), "member")).await.unwrap(), MemberChange::Done);
+    }
+    assert_eq!(repos.add_member(&member("a", "one-too-many", "member")).await.unwrap(), MemberChange::Full);
+    assert_eq!(repos.set_member_role("a", "u1", "owner").await.unwrap(), MemberChange::Done);
+    assert_eq!(repos.set_member_role("a", "boss", "member").await.unwrap(), MemberChange::Done, "another owner exists");
+    let roles: Vec<(String, String)> =
+        repos.all_members().await.unwrap().into_iter().filter(|m| m.org_id == "a" && m.role != "member").map(|m| (m.user_id, m.role)).collect();
+    assert_eq!(roles, [("u1".to_owned(), "owner".to_owned())]);
+    assert_eq!(repos.list_members("b").await.unwrap().len(), 1, "org b untouched");
+}
+
+async fn removing_a_member_revokes_their_management_keys_only(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.add_member(&member("a", "boss", "owner")).await.unwrap();
+    repos.add_member(&member("a", "dev", "admin")).await.unwrap();
+    let owned = |id: &str, kind: &str, who: &str| KeyRecord {
+        kind: kind.into(),
+        member_id: Some(who.into()),
+        ..key(id, "a", 10)
+    };
+    for k in [owned("mg-dev", "management", "dev"), owned("sk-dev", "inference", "dev"), owned("mg-boss", "management", "boss")] {
+        repos.create_key(&k).await.unwrap();
+    }
+    assert_eq!(repos.get_key("mg-dev").await.unwrap().unwrap().member_id.as_deref(), Some("dev"));
+    let g = GuardrailRecord { id: "g".into(), org_id: "a".into(), name: "g".into(), allowed_models: "[]".into(), blocked_models: "[]".into(), ..GuardrailRecord::default() };
+    repos.create_guardrail(&g).await.unwrap();
+    assert_eq!(repos.set_guardrail_members("a", "g", &["dev".into()], true, 5).await.unwrap(), 1);
+
+    let at = now_ms();
+    assert_eq!(repos.remove_member("a", "dev", at).await.unwrap(), MemberChange::Done);
+    assert_eq!(repos.remove_member("a", "dev", at).await.unwrap(), MemberChange::NotFound);
+    let mg = repos.get_key("mg-dev").await.unwrap().unwrap();
+    assert_eq!((mg.revoked_at_ms, mg.disabled), (Some(at), true));
+    assert!(mg.updated_at_ms > 10, "bumped so that caches see it");
+    assert!(repos.keys_changed_since(10).await.unwrap().iter().any(|k| k.id == "mg-dev"));
+    let sk = repos.get_key("sk-dev").await.unwrap().unwrap();
+    assert_eq!((sk.revoked_at_ms, sk.disabled), (None, false), "inference keys are the org's: they keep working");
+    assert_eq!(repos.get_key("mg-boss").await.unwrap().unwrap().revoked_at_ms, None);
+    assert!(repos.all_guardrail_members().await.unwrap().is_empty(), "the assignment went with the member");
+}
+
+async fn concurrent_demotions_never_leave_an_org_without_owner(ctx: &Ctx) {
+    let repos = ctx.repos.clone();
+    repos.create_org(&org("a")).await.unwrap();
+    for round in 0..5 {
+        let (x, y) = (format!("x{round}"), format!("y{round}"));
+        repos.add_member(&member("a", &x, "owner")).await.unwrap();
+        repos.add_member(&member("a", &y, "owner")).await.unwrap();
+        let others: Vec<String> = repos.list_members("a").await.unwrap().into_iter().filter(|m| m.user_id != x && m.user_id != y).map(|m| m.user_id).collect();
+        for other in &others {
+            repos.remove_member("a", other, now_ms()).await.unwrap();
+        }
+        let (r1, r2) = (repos.clone(), repos.clone());
+        let (a, b) = (x.clone(), y.clone());
+        let one = tokio::spawn(async move { r1.set_member_role("a", &a, "member").await.unwrap() });
+        let two = tokio::spawn(async move { r2.remove_member("a", &b, now_ms()).await.unwrap() });
+        let results = [one.await.unwrap(), two.await.unwrap()];
+        assert_eq!(results.iter().filter(|r| **r == MemberChange::Done).count(), 1, "round {round}: {results:?}");
+        let owners = repos.list_members("a").await.unwrap().into_iter().filter(|m| m.role == "owner").count();
+        assert_eq!(owners, 1, "round {round}");
+    }
+}
+
+async fn guardrail_member_assignments_replace_and_stay_in_their_org(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    for o in ["a", "b"] {
+        repos.create_org(&org(o)).await.unwrap();
+        repos.add_member(&member(o, &format!("{o}1"), "member")).await.unwrap();
+        for g in ["g1", "g2"] {
+            let id = format!("{o}-{g}");
+            let record = GuardrailRecord { id: id.clone(), org_id: o.into(), name: id, allowed_models: "[]".into(), blocked_models: "[]".into(), ..GuardrailRecord::default() };
+            repos.create_guardrail(&record).await.unwrap();
+        }
+    }
+    let a1 = vec!["a1".to_owned()];
+    assert_eq!(repos.set_guardrail_members("a", "a-g1", &a1, true, 7).await.unwrap(), 1);
+    assert_eq!(repos.set_guardrail_members("a", "a-g1", &a1, true, 8).await.unwrap(), 0, "already assigned");
+    assert_eq!(repos.set_guardrail_members("a", "a-g2", &a1, true, 9).await.unwrap(), 1, "replaces");
+    // Another org's guardrail or member: nothing happens.
+    assert_eq!(repos.set_guardrail_members("a", "b-g1", &a1, true, 9).await.unwrap(), 0);
+    assert_eq!(repos.set_guardrail_members("a", "a-g1", &["b1".to_owned()], true, 9).await.unwrap(), 0);
+    assert_eq!(repos.set_guardrail_members("b", "a-g2", &a1, false, 9).await.unwrap(), 0);
+    let all = repos.all_guardrail_members().await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!((all[0].guardrail_id.as_str(), all[0].org_id.as_str(), all[0].user_id.as_str(), all[0].created_at_ms), ("a-g2", "a", "a1", 9));
+    assert_eq!(repos.set_guardrail_members("a", "a-g2", &a1, false, 10).await.unwrap(), 1);
+    repos.set_guardrail_members("a", "a-g1", &a1, true, 11).await.unwrap();
+    assert!(repos.delete_guardrail("a", "a-g1").await.unwrap());
+    assert!(repos.all_guardrail_members().await.unwrap().is_empty(), "deleting the guardrail drops its assignments");
+}
+
+async fn guardrail_key_assignment_replaces_the_keys_other_guardrail(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_key(&key("k", "a", 10)).await.unwrap();
+    for g in ["g1", "g2"] {
+        let record = GuardrailRecord { id: g.into(), org_id: "a".into(), name: g.into(), allowed_models: "[]".into(), blocked_models: "[]".into(), ..GuardrailRecord::default() };
+        repos.create_guardrail(&record).await.unwrap();
+    }
+    let k = vec!["k".to_owned()];
+    repos.set_guardrail_keys("a", "g1", &k, true).await.unwrap();
+    repos.set_guardrail_keys("a", "g2", &k, true).await.unwrap();
+    assert_eq!(repos.all_guardrail_keys().await.unwrap(), [("g2".to_owned(), "k".to_owned())]);
+}
+
+fn claim(scope: &str, window: i64, limit: i64, want: i64) -> RateClaim {
+    RateClaim { scope: scope.into(), window_start_ms: window, previous_start_ms: Some(window - 60_000), carry_ppm: 0, limit, want }
+}
+
+async fn rate_claims_never_pass_the_limit_and_carry_the_previous_window(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    let w = 1_800_000_000_000;
+    let first = repos.claim_rate(&claim("k:a:m", w, 10, 4)).await.unwrap();
+    assert_eq!((first.granted, first.count, first.carried), (4, 4, 0));
+    let second = repos.claim_rate(&claim("k:a:m", w, 10, 8)).await.unwrap();
+    assert_eq!((second.granted, second.count), (6, 10), "only what is left");
+    assert_eq!(repos.claim_rate(&claim("k:a:m", w, 10, 1)).await.unwrap().granted, 0);
+    assert_eq!(repos.claim_rate(&claim("k:b:m", w, 10, 1)).await.unwrap().granted, 1, "scopes are separate");
+    // The next minute, 30 % into it: 70 % of the previous 10 still weighs.
+    let next = RateClaim { carry_ppm: 700_000, ..claim("k:a:m", w + 60_000, 10, 10) };
+    let grant = repos.claim_rate(&next).await.unwrap();
+    assert_eq!((grant.granted, grant.carried), (3, 7));
+    let daily = RateClaim { previous_start_ms: None, ..claim("k:a:d", w, 2, 5) };
+    assert_eq!(repos.claim_rate(&daily).await.unwrap().granted, 2);
+    assert_eq!(repos.prune_rate_windows(w + 1).await.unwrap(), 3, "the first minute of both scopes, and the day");
+    assert_eq!(repos.claim_rate(&claim("k:a:m", w, 10, 10)).await.unwrap().granted, 10, "a pruned window starts over");
+}
+
+async fn concurrent_rate_claims_grant_exactly_the_limit(ctx: &Ctx) {
+    let w = 1_800_000_000_000;
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let repos = ctx.repos.clone();
+            tokio::spawn(async move { repos.claim_rate(&claim("k:race:m", w, 50, 1 + i % 3)).await.unwrap().granted })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(total, 50, "40 claims of 1 to 3 ask for 79; exactly the limit is granted");
+}
+
+/// One rate-limit claim (what an instance pays once per chunk of allowance), sequentially and
+/// with 8 concurrent claimers of one window (instances contending for one hot key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_rate_claim_latency() {
+    let mut backends = vec![("sqlite", Ctx::sqlite().await)];
+    if let Some(pg) = Ctx::postgres().await {
+        backends.push(("postgres", pg));
+    }
+    for (name, ctx) in &backends {
+        let mut alone = Vec::new();
+        for i in 0..300 {
+            let started = Instant::now();
+            ctx.repos.claim_rate(&claim(&format!("k:{i}:m"), 1_800_000_000_000, 1_000, 100)).await.unwrap();
+            alone.push(started.elapsed());
+        }
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let repos = ctx.repos.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        repos.claim_rate(&claim("k:hot:m", 1_800_000_000_000 + i * 60_000, 1_000_000, 1 + t)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let contended = started.elapsed() / 400;
+        alone.sort();
+        let p = |q: f64| alone[((alone.len() as f64 * q) as usize).min(alone.len() - 1)];
+        eprintln!("{name:>8} claim_rate     p50 {:>9.3?} p99 {:>9.3?}; 8 claimers of one key: {contended:>9.3?} per claim", p(0.5), p(0.99));
     }
 }

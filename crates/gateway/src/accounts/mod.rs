@@ -3,9 +3,11 @@
 //!
 //! The cache is filled at start and kept fresh by a task that asks the store for keys changed
 //! since its last look, every [`REFRESH_EVERY`]. A key revoked or changed on any instance (they
-//! share the database) takes effect everywhere within that interval.
+//! share the database) takes effect everywhere within that interval; so do member roles and
+//! guardrail assignments, which each refresh reloads whole (at most 50 members per org).
 
 mod model;
+pub mod roles;
 pub mod timezone;
 
 use std::collections::HashMap;
@@ -13,9 +15,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use marga_store::{AccountRepo, GuardrailRecord, KeyRecord, OrgRecord, StoreError, WorkspaceRecord};
+use marga_store::{
+    AccountRepo, GuardrailRecord, KeyRecord, MemberChange, MemberRecord, MemberRepo, OrgRecord, Repos, StoreError,
+    WorkspaceRecord,
+};
 
 pub use model::{KeyInfo, KeyKind, OrgInfo, Principal};
+pub use roles::{Action, Role};
 
 use crate::error::ApiError;
 use crate::keys::KeyHash;
@@ -30,6 +36,13 @@ pub const DEFAULT_ORG: &str = "default";
 pub const MANAGEMENT_PREFIX: &str = "marga_mg";
 /// Prefix of inference keys.
 pub const INFERENCE_PREFIX: &str = "marga_sk";
+/// The member of the default organisation the master key acts as (an owner).
+pub const OPERATOR_MEMBER: &str = "operator";
+
+/// Org id → member user id → value.
+type ByMember<T> = HashMap<String, HashMap<String, T>>;
+/// Every guardrail by id, and key id → its guardrail.
+type Guardrails = (HashMap<String, Arc<GuardrailRecord>>, HashMap<String, Arc<GuardrailRecord>>);
 
 #[derive(Default)]
 struct Cache {
@@ -41,20 +54,32 @@ struct Cache {
     guardrails: HashMap<String, Arc<GuardrailRecord>>,
     /// Workspace id → its record (for monthly budgets).
     workspaces: HashMap<String, Arc<WorkspaceRecord>>,
+    /// Workspaces written here since the last load applied (`None`: deleted), replayed over
+    /// the next load so that a load that read before the write does not undo it.
+    noted_workspaces: Vec<(String, Option<Arc<WorkspaceRecord>>)>,
+    /// Every member's role: a management key acts with its member's.
+    roles: ByMember<Role>,
+    /// The guardrail assigned to a member (it applies to the member's keys).
+    member_guardrails: ByMember<Arc<GuardrailRecord>>,
     /// The newest `updated_at_ms` seen.
     cursor: i64,
+    /// Which load the replaced-whole parts (guardrails, assignments, roles, workspaces) come
+    /// from: a load that started before one already applied is stale and is not applied.
+    loaded: u64,
 }
 
 pub struct Accounts {
-    repo: Arc<dyn AccountRepo>,
+    repo: Arc<dyn Repos>,
     master: KeyHash,
     master_principal: Principal,
     cache: RwLock<Cache>,
+    /// Numbers the loads of the replaced-whole parts, in the order they start.
+    loads: std::sync::atomic::AtomicU64,
 }
 
 impl Accounts {
     /// Makes sure the default organisation exists and loads every org and key.
-    pub async fn start(repo: Arc<dyn AccountRepo>, master: KeyHash, default_currency: &str) -> Result<Accounts, StoreError> {
+    pub async fn start(repo: Arc<dyn Repos>, master: KeyHash, default_currency: &str) -> Result<Accounts, StoreError> {
         let default = match repo.get_org(DEFAULT_ORG).await? {
             Some(org) => org,
             None => {
@@ -69,9 +94,24 @@ impl Accounts {
                 org
             }
         };
+        let operator = MemberRecord {
+            org_id: DEFAULT_ORG.to_owned(),
+            user_id: OPERATOR_MEMBER.to_owned(),
+            email: String::new(),
+            role: Role::Owner.as_str().to_owned(),
+            created_at_ms: crate::pipeline::unix_now_ms(),
+        };
+        // `Duplicate` when it exists already (or another instance just made it).
+        let _: MemberChange = repo.add_member(&operator).await?;
         let default = Arc::new(OrgInfo::from_record(&default));
-        let master_principal = Principal { org: default, key: Arc::new(KeyInfo::master()) };
-        let accounts = Accounts { repo, master, master_principal, cache: RwLock::new(Cache::default()) };
+        let master_principal = Principal { org: default, key: Arc::new(KeyInfo::master()), role: Some(Role::Owner) };
+        let accounts = Accounts {
+            repo,
+            master,
+            master_principal,
+            cache: RwLock::new(Cache::default()),
+            loads: std::sync::atomic::AtomicU64::new(1),
+        };
         accounts.refresh().await?;
         Ok(accounts)
     }
@@ -83,16 +123,33 @@ impl Accounts {
         let cursor = self.read().cursor.saturating_sub(CURSOR_OVERLAP_MS);
         let orgs = self.repo.list_orgs().await?;
         let changed = self.repo.keys_changed_since(cursor).await?;
-        let guardrails = self.guardrails_by_key().await?;
+        let load = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (all, guardrails) = self.guardrails_by_key().await?;
         let workspaces = self.repo.all_workspaces().await?;
+        let (roles, member_guardrails) = self.load_members(&all).await?;
         let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.workspaces = workspaces.into_iter().map(|w| (w.id.clone(), Arc::new(w))).collect();
+        // Replaced whole, unless a load that started later (after a local write) is applied.
+        if load > cache.loaded {
+            cache.loaded = load;
+            cache.roles = roles;
+            cache.member_guardrails = member_guardrails;
+            cache.guardrails = guardrails;
+            let mut workspaces: HashMap<String, Arc<WorkspaceRecord>> =
+                workspaces.into_iter().map(|w| (w.id.clone(), Arc::new(w))).collect();
+            // Workspaces noted locally since the load began are kept.
+            for (id, ws) in std::mem::take(&mut cache.noted_workspaces) {
+                match ws {
+                    Some(ws) => workspaces.insert(id, ws),
+                    None => workspaces.remove(&id),
+                };
+            }
+            cache.workspaces = workspaces;
+        }
         // Merged, never replaced: a refresh that read the list just before a local write must
         // not drop what that write added (organisations are never deleted).
         for org in &orgs {
             cache.orgs.insert(org.id.clone(), Arc::new(OrgInfo::from_record(org)));
         }
-        cache.guardrails = guardrails;
         for record in changed {
             cache.cursor = cache.cursor.max(record.updated_at_ms);
             apply_change(&mut cache, record);
@@ -100,17 +157,53 @@ impl Accounts {
         Ok(())
     }
 
-    async fn guardrails_by_key(&self) -> Result<HashMap<String, Arc<GuardrailRecord>>, StoreError> {
+    /// Every guardrail by id, and the one assigned to each key.
+    async fn guardrails_by_key(&self) -> Result<Guardrails, StoreError> {
         let all: HashMap<String, Arc<GuardrailRecord>> =
             self.repo.all_guardrails().await?.into_iter().map(|g| (g.id.clone(), Arc::new(g))).collect();
         let assignments = self.repo.all_guardrail_keys().await?;
-        Ok(assignments.into_iter().filter_map(|(gid, key)| Some((key, all.get(&gid)?.clone()))).collect())
+        let by_key = assignments.into_iter().filter_map(|(gid, key)| Some((key, all.get(&gid)?.clone()))).collect();
+        Ok((all, by_key))
     }
 
-    /// Reloads guardrails at once after a local change.
+    /// Every member's role and every member's guardrail (`all`: every guardrail by id).
+    async fn load_members(
+        &self,
+        all: &HashMap<String, Arc<GuardrailRecord>>,
+    ) -> Result<(ByMember<Role>, ByMember<Arc<GuardrailRecord>>), StoreError> {
+        let mut roles: ByMember<Role> = HashMap::new();
+        for m in self.repo.all_members().await? {
+            if let Some(role) = Role::parse(&m.role) {
+                roles.entry(m.org_id).or_default().insert(m.user_id, role);
+            }
+        }
+        let mut guardrails: ByMember<Arc<GuardrailRecord>> = HashMap::new();
+        for a in self.repo.all_guardrail_members().await? {
+            if let Some(g) = all.get(&a.guardrail_id).filter(|g| g.org_id == a.org_id) {
+                guardrails.entry(a.org_id).or_default().insert(a.user_id, Arc::clone(g));
+            }
+        }
+        Ok((roles, guardrails))
+    }
+
+    /// Reloads members' roles at once after a local change.
+    pub async fn refresh_members(&self) -> Result<(), StoreError> {
+        self.refresh_guardrails().await
+    }
+
+    /// Reloads guardrails, their assignments and members' roles at once after a local change
+    /// (other instances see it on their next refresh).
     pub async fn refresh_guardrails(&self) -> Result<(), StoreError> {
-        let guardrails = self.guardrails_by_key().await?;
-        self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner).guardrails = guardrails;
+        let load = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (all, guardrails) = self.guardrails_by_key().await?;
+        let (roles, member_guardrails) = self.load_members(&all).await?;
+        let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if load > cache.loaded {
+            cache.loaded = load;
+            cache.guardrails = guardrails;
+            cache.roles = roles;
+            cache.member_guardrails = member_guardrails;
+        }
         Ok(())
     }
 
@@ -123,16 +216,30 @@ impl Accounts {
     pub fn note_workspace(&self, record: Option<WorkspaceRecord>, deleted_id: Option<&str>) {
         let mut cache = self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(record) = record {
-            cache.workspaces.insert(record.id.clone(), Arc::new(record));
+            let record = Arc::new(record);
+            cache.workspaces.insert(record.id.clone(), Arc::clone(&record));
+            cache.noted_workspaces.push((record.id.clone(), Some(record)));
         }
         if let Some(id) = deleted_id {
             cache.workspaces.remove(id);
+            cache.noted_workspaces.push((id.to_owned(), None));
         }
     }
 
-    /// The guardrail assigned to a key.
-    pub fn guardrail_of(&self, key_id: &str) -> Option<Arc<GuardrailRecord>> {
-        self.read().guardrails.get(key_id).cloned()
+    /// The guardrails that apply to a key: its own and its member's (both are enforced).
+    pub fn guardrails_of(&self, key: &KeyInfo) -> Vec<Arc<GuardrailRecord>> {
+        let cache = self.read();
+        let own = cache.guardrails.get(&key.id);
+        let member = key.member_id.as_deref().and_then(|m| cache.member_guardrails.get(&key.org_id)?.get(m));
+        match (own, member) {
+            (Some(a), Some(b)) if a.id == b.id => vec![Arc::clone(a)],
+            (a, b) => a.into_iter().chain(b).cloned().collect(),
+        }
+    }
+
+    /// A member's role, from the cache.
+    pub fn role_of(&self, org_id: &str, user_id: &str) -> Option<Role> {
+        self.read().roles.get(org_id)?.get(user_id).copied()
     }
 
     /// Keeps the cache fresh until the returned task is aborted.
@@ -172,7 +279,15 @@ impl Accounts {
             return Err(ApiError::InvalidApiKey);
         }
         let org = cache.orgs.get(&key.org_id).ok_or(ApiError::InvalidApiKey)?;
-        Ok(Principal { org: org.clone(), key: key.clone() })
+        // A management key acts with its member's role; without a member it is refused.
+        let role = match key.kind {
+            KeyKind::Management => {
+                let member = key.member_id.as_deref().ok_or(ApiError::InvalidApiKey)?;
+                Some(*cache.roles.get(&key.org_id).and_then(|m| m.get(member)).ok_or(ApiError::InvalidApiKey)?)
+            }
+            _ => None,
+        };
+        Ok(Principal { org: org.clone(), key: key.clone(), role })
     }
 
     /// An organisation by id, from the cache.
@@ -193,6 +308,10 @@ impl Accounts {
     }
 
     pub fn repo(&self) -> &dyn AccountRepo {
+        self.repo.as_ref()
+    }
+
+    pub fn members(&self) -> &dyn MemberRepo {
         self.repo.as_ref()
     }
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use marga_store::{KeyRecord, OrgRecord};
 
+use super::roles::Role;
 use super::timezone::UtcOffset;
 use crate::money::Currency;
 
@@ -64,6 +65,8 @@ pub struct KeyInfo {
     pub expires_at_ms: Option<i64>,
     /// The version of the record this was built from.
     pub updated_at_ms: i64,
+    /// The member the key belongs to (its role, for a management key; its guardrail).
+    pub member_id: Option<String>,
 }
 
 impl KeyInfo {
@@ -83,6 +86,7 @@ impl KeyInfo {
             disabled: false,
             expires_at_ms: None,
             updated_at_ms: 0,
+            member_id: Some(super::OPERATOR_MEMBER.to_owned()),
         }
     }
 
@@ -102,6 +106,7 @@ impl KeyInfo {
             disabled: r.disabled,
             expires_at_ms: r.expires_at_ms,
             updated_at_ms: r.updated_at_ms,
+            member_id: r.member_id.clone(),
         }
     }
 
@@ -111,11 +116,13 @@ impl KeyInfo {
     }
 }
 
-/// Who is calling: a key and the organisation it belongs to.
+/// Who is calling: a key, the organisation it belongs to and, for a management key, the role
+/// of its member (see [`super::roles`]).
 #[derive(Clone, Debug)]
 pub struct Principal {
     pub org: Arc<OrgInfo>,
     pub key: Arc<KeyInfo>,
+    pub role: Option<Role>,
 }
 
 impl Principal {
@@ -133,14 +140,10 @@ impl Principal {
         }
     }
 
-    /// May manage its organisation.
+    /// May read its organisation's data (any management key, any role): the least a
+    /// management endpoint asks. Endpoints that change something ask [`Principal::require`].
     pub fn require_management(&self) -> Result<(), crate::error::ApiError> {
-        match self.key.kind {
-            KeyKind::Master | KeyKind::Management => Ok(()),
-            KeyKind::Inference => Err(crate::error::ApiError::Forbidden {
-                message: "only management keys can perform this operation".to_owned(),
-            }),
-        }
+        self.require(super::Action::ReadOrg)
     }
 
     /// May manage every organisation (the operator).

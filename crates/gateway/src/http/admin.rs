@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use marga_store::{LedgerEntry, OrgRecord};
+use marga_store::{LedgerEntry, MemberRecord, OrgRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -14,6 +14,7 @@ use super::extract::{parse_json, read_body};
 use super::keys::{create_key, internal, iso, Data, NewKey};
 use super::money_json::exact;
 use super::AppState;
+use crate::accounts::Role;
 use crate::error::ApiError;
 use crate::money::{nanos_to_decimal, parse_nanos, Currency};
 use crate::pipeline::unix_now_ms;
@@ -27,6 +28,9 @@ struct NewOrg {
     currency: String,
     #[serde(default)]
     timezone: Option<String>,
+    /// The email of the owner member the org starts with (who holds the management key).
+    #[serde(default)]
+    owner_email: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -68,6 +72,10 @@ pub async fn create_org(State(state): State<AppState>, headers: HeaderMap, body:
     if crate::accounts::timezone::UtcOffset::parse(&timezone).is_none() {
         return Err(ApiError::invalid(format!("unknown time zone `{timezone}`"), Some("timezone".into())));
     }
+    let owner_email = match new.owner_email {
+        Some(email) => super::members::valid_email(&email)?,
+        None => String::new(),
+    };
     let org = OrgRecord {
         id: format!("org_{}", uuid::Uuid::now_v7().simple()),
         name: new.name,
@@ -78,19 +86,36 @@ pub async fn create_org(State(state): State<AppState>, headers: HeaderMap, body:
     let accounts = &state.admission.accounts;
     accounts.repo().create_org(&org).await.map_err(internal)?;
     accounts.note_org(&org);
-    let owner = crate::accounts::Principal {
+    // The org starts with one owner member, who holds the first management key.
+    let owner_member = MemberRecord {
+        org_id: org.id.clone(),
+        user_id: super::members::new_user_id(),
+        email: owner_email,
+        role: Role::Owner.as_str().to_owned(),
+        created_at_ms: unix_now_ms(),
+    };
+    accounts.members().add_member(&owner_member).await.map_err(internal)?;
+    let operator = crate::accounts::Principal {
         org: accounts.org(&org.id).ok_or(ApiError::NotFound)?,
         key: std::sync::Arc::new(crate::accounts::KeyInfo::master()),
+        role: Some(Role::Owner),
     };
-    let request = NewKey { name: "management".to_owned(), kind: Some("management".to_owned()), ..NewKey::default() };
-    let (_, management_key) = create_key(&state, &owner, request).await?;
+    let request = NewKey {
+        name: "management".to_owned(),
+        kind: Some("management".to_owned()),
+        creator_user_id: Some(owner_member.user_id.clone()),
+        ..NewKey::default()
+    };
+    let (_, management_key) = create_key(&state, &operator, request).await?;
+    accounts.refresh_members().await.map_err(internal)?;
     #[derive(Serialize)]
     struct Created {
         #[serde(flatten)]
         org: OrgView,
+        owner_user_id: String,
         management_key: String,
     }
-    let created = Created { org: org_view(&state, &org).await?, management_key };
+    let created = Created { org: org_view(&state, &org).await?, owner_user_id: owner_member.user_id, management_key };
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -179,7 +204,7 @@ pub async fn account(State(state): State<AppState>, headers: HeaderMap) -> Resul
 /// {name, budget_inr?, expires_days?}`: a new inference key, shown once.
 pub async fn create_account_key(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let principal = state.admission.accounts.authenticate(&headers)?;
-    principal.require_management()?;
+    principal.require(crate::accounts::Action::ManageKeys)?;
     let new: NewKey = parse_json(&read_body(body, state.max_body).await?)?;
     let (record, key) = create_key(&state, &principal, new).await?;
     #[derive(Serialize)]

@@ -33,11 +33,11 @@ pub struct Admitted {
 }
 
 /// Authenticates an inference call and counts it against its rate limits.
-pub fn caller(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<(Principal, Quota), ApiError> {
+pub async fn caller(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<(Principal, Quota), ApiError> {
     let principal = state.admission.accounts.authenticate(headers)?;
     principal.require_inference()?;
     let ip = peer.ip().to_string();
-    let quota = state.admission.count(&principal, Some(&ip))?;
+    let quota = state.admission.count(&principal, Some(&ip)).await?;
     Ok((principal, quota))
 }
 
@@ -61,8 +61,8 @@ pub async fn reserve(
     state.admission.reserve(principal, max_cost(state, admitted, prompt_bytes, output_cap)).await
 }
 
-/// Resolves the model (a `:floor`/`:nitro` suffix names a strategy), applies the key's
-/// guardrail and plans the routes.
+/// Resolves the model (a `:floor`/`:nitro` suffix names a strategy), applies the guardrails
+/// of the key and of its member, and plans the routes.
 pub fn admit(
     state: &AppState,
     principal: &Principal,
@@ -80,15 +80,15 @@ pub fn admit(
         let message = format!("`{model_name}` cannot serve this endpoint");
         return Err(ApiError::invalid(message, Some("model".into())));
     }
-    let guardrail = state.admission.guardrail(principal);
+    let guardrails = state.admission.guardrails(principal);
     let mut zdr_ext = None;
-    if let Some(g) = &guardrail {
+    for g in &guardrails {
         admission::check_models(g, &model.id)?;
-        if g.require_zdr {
-            let mut forced = ext.clone();
-            forced.data_policy = Some(with_zdr(forced.data_policy.take()));
-            zdr_ext = Some(forced);
-        }
+    }
+    if guardrails.iter().any(|g| g.require_zdr) {
+        let mut forced = ext.clone();
+        forced.data_policy = Some(with_zdr(forced.data_policy.take()));
+        zdr_ext = Some(forced);
     }
     let ext = zdr_ext.as_ref().unwrap_or(ext);
     let saved = state.routing.chains.get(&principal.org.id, &model.id);

@@ -113,7 +113,7 @@ pub(super) async fn begin_request(
     end_user: Option<&str>,
 ) -> Result<(RequestCtx, Plan), ApiError> {
     let (endpoint, stream, prompt_bytes, output_cap) = shape;
-    let (principal, quota) = caller(state, headers, peer)?;
+    let (principal, quota) = caller(state, headers, peer).await?;
     let kind = if endpoint == Endpoint::Embeddings { ModelType::Embedding } else { ModelType::Chat };
     let admitted = admit(state, &principal, model, ext, kind)?;
     let billing = reserve(state, &principal, &admitted, prompt_bytes, output_cap).await?;

@@ -1,7 +1,7 @@
-//! Guardrails (OpenRouter): spend caps and model rules that apply to the keys they are
-//! assigned to. `GET/POST /v1/guardrails`, `GET/PATCH/DELETE /v1/guardrails/{id}`,
-//! `POST /v1/guardrails/{id}/keys {key_hashes}` (assign) and `…/keys/remove` (unassign).
-//! Management keys only; every id is scoped to the caller's organisation.
+//! Guardrails (OpenRouter): spend caps and model rules that apply to the keys and members they
+//! are assigned to (assignments: [`super::assignments`]). `GET/POST /v1/guardrails`,
+//! `GET/PATCH/DELETE /v1/guardrails/{id}`. Management keys only (changing: owners and
+//! admins); every id is scoped to the caller's organisation.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -16,7 +16,7 @@ use super::extract::{parse_json, read_body};
 use super::keys::{internal, iso, Data};
 use super::money_json::exact;
 use super::AppState;
-use crate::accounts::Principal;
+use crate::accounts::{Action, Principal};
 use crate::error::ApiError;
 use crate::money::{nanos_to_decimal, parse_nanos};
 use crate::pipeline::unix_now_ms;
@@ -123,19 +123,21 @@ fn apply(g: &mut GuardrailRecord, body: &GuardrailBody, state: &AppState) -> Res
     Ok(())
 }
 
-fn manager(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+/// The caller, allowed `action` (reading: any member; changing: owners and admins).
+pub(super) fn manager(state: &AppState, headers: &HeaderMap, action: Action) -> Result<Principal, ApiError> {
     let principal = state.admission.accounts.authenticate(headers)?;
-    principal.require_management()?;
+    principal.require(action)?;
     Ok(principal)
 }
 
-async fn own(state: &AppState, principal: &Principal, id: &str) -> Result<GuardrailRecord, ApiError> {
+/// The caller's org's guardrail `id`, or 404.
+pub(super) async fn own(state: &AppState, principal: &Principal, id: &str) -> Result<GuardrailRecord, ApiError> {
     let all = state.admission.accounts.repo().list_guardrails(&principal.org.id).await.map_err(internal)?;
     all.into_iter().find(|g| g.id == id).ok_or(ApiError::NotFound)
 }
 
 pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ManageGuardrails)?;
     let body: GuardrailBody = parse_json(&read_body(body, state.max_body).await?)?;
     let now = unix_now_ms();
     let mut g = GuardrailRecord {
@@ -153,7 +155,7 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
 }
 
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ReadOrg)?;
     let all = state.admission.accounts.repo().list_guardrails(&principal.org.id).await.map_err(internal)?;
     #[derive(Serialize)]
     struct Listing {
@@ -165,7 +167,7 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<R
 }
 
 pub async fn get(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ReadOrg)?;
     let g = own(&state, &principal, &id).await?;
     Ok(Json(Data { data: view(&g, &principal) }).into_response())
 }
@@ -176,7 +178,7 @@ pub async fn update(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ManageGuardrails)?;
     let body: GuardrailBody = parse_json(&read_body(body, state.max_body).await?)?;
     let mut g = own(&state, &principal, &id).await?;
     apply(&mut g, &body, &state)?;
@@ -187,46 +189,11 @@ pub async fn update(
 }
 
 pub async fn delete(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ManageGuardrails)?;
     let deleted = state.admission.accounts.repo().delete_guardrail(&principal.org.id, &id).await.map_err(internal)?;
     if !deleted {
         return Err(ApiError::NotFound);
     }
     state.admission.accounts.refresh_guardrails().await.map_err(internal)?;
     Ok(Json(serde_json::json!({ "deleted": true })).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyHashes {
-    key_hashes: Vec<String>,
-}
-
-async fn set_keys(state: AppState, headers: HeaderMap, id: String, body: Body, assigned: bool) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
-    let body: KeyHashes = parse_json(&read_body(body, state.max_body).await?)?;
-    own(&state, &principal, &id).await?;
-    let repo = state.admission.accounts.repo();
-    let changed = repo.set_guardrail_keys(&principal.org.id, &id, &body.key_hashes, assigned).await.map_err(internal)?;
-    state.admission.accounts.refresh_guardrails().await.map_err(internal)?;
-    let field = if assigned { "assigned_count" } else { "unassigned_count" };
-    Ok(Json(serde_json::json!({ field: changed })).into_response())
-}
-
-pub async fn assign_keys(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Body,
-) -> Result<Response, ApiError> {
-    set_keys(state, headers, id, body, true).await
-}
-
-pub async fn unassign_keys(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Body,
-) -> Result<Response, ApiError> {
-    set_keys(state, headers, id, body, false).await
 }

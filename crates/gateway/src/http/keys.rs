@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use super::extract::{parse_json, read_body};
 use super::money_json::exact;
 use super::AppState;
-use crate::accounts::{Principal, INFERENCE_PREFIX, MANAGEMENT_PREFIX};
+use crate::accounts::{Action, Principal, Role, INFERENCE_PREFIX, MANAGEMENT_PREFIX};
 use crate::error::ApiError;
 use crate::keys::{self, KeyHash};
 use crate::money::{nanos_to_decimal, parse_nanos};
@@ -50,6 +50,10 @@ pub struct NewKey {
     /// `management` or `inference` (default).
     #[serde(default)]
     pub kind: Option<String>,
+    /// The member the key belongs to (default: the caller's member). A management key acts
+    /// with that member's role.
+    #[serde(default, alias = "member_id")]
+    pub creator_user_id: Option<String>,
 }
 
 /// `PATCH`: every field optional; `null` clears a limit.
@@ -133,8 +137,47 @@ pub fn iso(ms: i64) -> Value {
         .map_or(Value::Null, Value::String)
 }
 
+/// The role of member `user_id` of `org_id`, read from the store (not the cache: a member just
+/// added on another instance counts at once).
+pub async fn member_role(state: &AppState, org_id: &str, user_id: &str) -> Result<Option<Role>, ApiError> {
+    let members = state.admission.accounts.repo().list_members(org_id).await.map_err(internal)?;
+    Ok(members.iter().find(|m| m.user_id == user_id).and_then(|m| Role::parse(&m.role)))
+}
+
+/// Whom a new key belongs to: `requested` (a member of the caller's org) or the caller's own
+/// member. Handing a management key to an owner other than oneself is an owner's act.
+async fn key_member(state: &AppState, principal: &Principal, requested: Option<&str>, management: bool) -> Result<Option<String>, ApiError> {
+    let Some(id) = requested else { return Ok(principal.key.member_id.clone()) };
+    let param = Some("creator_user_id".to_owned());
+    if id.len() > 200 {
+        return Err(ApiError::invalid("`creator_user_id` is too long", param));
+    }
+    let role = member_role(state, &principal.org.id, id)
+        .await?
+        .ok_or_else(|| ApiError::invalid(format!("no member `{id}` in this organisation"), param))?;
+    if management && role == Role::Owner && principal.key.member_id.as_deref() != Some(id) {
+        principal.require(Action::ManageOwners)?;
+    }
+    Ok(Some(id.to_owned()))
+}
+
+/// What changing or revoking `record` asks of the caller: an owner's management keys are the
+/// owners' to manage.
+pub async fn require_for_key(state: &AppState, principal: &Principal, record: &KeyRecord) -> Result<(), ApiError> {
+    principal.require(Action::ManageKeys)?;
+    if record.kind == "management" {
+        if let Some(member) = &record.member_id {
+            if member_role(state, &record.org_id, member).await? == Some(Role::Owner) {
+                principal.require(Action::ManageOwners)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates a key for `principal`'s organisation; returns the record and the plaintext key.
 pub async fn create_key(state: &AppState, principal: &Principal, new: NewKey) -> Result<(KeyRecord, String), ApiError> {
+    principal.require(Action::ManageKeys)?;
     if new.name.trim().is_empty() || new.name.len() > 200 {
         return Err(ApiError::invalid("`name` must be 1 to 200 characters", Some("name".into())));
     }
@@ -143,6 +186,7 @@ pub async fn create_key(state: &AppState, principal: &Principal, new: NewKey) ->
         Some("management") => true,
         Some(other) => return Err(ApiError::invalid(format!("unknown key kind `{other}`"), Some("kind".into()))),
     };
+    let member_id = key_member(state, principal, new.creator_user_id.as_deref(), management).await?;
     let repo = state.admission.accounts.repo();
     let existing = repo.list_keys(&principal.org.id).await.map_err(internal)?;
     if existing.iter().any(|k| k.name == new.name && !k.disabled) {
@@ -175,6 +219,7 @@ pub async fn create_key(state: &AppState, principal: &Principal, new: NewKey) ->
         created_at_ms: now,
         updated_at_ms: now,
         revoked_at_ms: None,
+        member_id,
     };
     repo.create_key(&record).await.map_err(internal)?;
     state.admission.accounts.note_key(record.clone());
@@ -262,6 +307,7 @@ struct KeyData {
     budget: Amount,
     tier: &'static str,
     workspace_id: Option<String>,
+    creator_user_id: Option<String>,
     created_at: Value,
     updated_at: Value,
     expires_at: Value,
@@ -312,6 +358,7 @@ async fn key_data(state: &AppState, principal: &Principal, record: &KeyRecord) -
         budget: record.budget_nanos.and_then(amount),
         tier: if record.trial { "trial" } else { "standard" },
         workspace_id: record.workspace_id.clone(),
+        creator_user_id: record.member_id.clone(),
         created_at: iso(record.created_at_ms),
         updated_at: iso(record.updated_at_ms),
         expires_at: record.expires_at_ms.map_or(Value::Null, iso),
@@ -324,7 +371,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(state: &AppState, body: Body)
 
 pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let principal = state.admission.accounts.authenticate(&headers)?;
-    principal.require_management()?;
+    principal.require(Action::ManageKeys)?;
     let new: NewKey = read_json(&state, body).await?;
     let (record, secret) = create_key(&state, &principal, new).await?;
     let data = key_data(&state, &principal, &record).await;
@@ -361,9 +408,10 @@ pub async fn update(
     body: Body,
 ) -> Result<Response, ApiError> {
     let principal = state.admission.accounts.authenticate(&headers)?;
-    principal.require_management()?;
+    principal.require(Action::ManageKeys)?;
     let patch: KeyPatch = read_json(&state, body).await?;
     let mut record = own_key(&state, &principal, &id).await?;
+    require_for_key(&state, &principal, &record).await?;
     apply_patch(&mut record, patch, &state)?;
     state.admission.accounts.repo().update_key(&record).await.map_err(internal)?;
     state.admission.accounts.note_key(record.clone());
@@ -372,8 +420,9 @@ pub async fn update(
 
 pub async fn delete(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let principal = state.admission.accounts.authenticate(&headers)?;
-    principal.require_management()?;
+    principal.require(Action::ManageKeys)?;
     let mut record = own_key(&state, &principal, &id).await?;
+    require_for_key(&state, &principal, &record).await?;
     let now = unix_now_ms();
     record.revoked_at_ms = Some(now);
     record.disabled = true;

@@ -3,11 +3,13 @@
 
 mod admin;
 mod admit;
+mod assignments;
 mod chat;
 mod embeddings;
 mod extract;
 mod guardrails;
 mod keys;
+mod members;
 mod models;
 mod money_json;
 mod ops;
@@ -58,8 +60,22 @@ fn api_routes() -> Router<AppState> {
         .route("/credits", get(keys::credits))
         .route("/guardrails", get(guardrails::list).post(guardrails::create))
         .route("/guardrails/{id}", get(guardrails::get).patch(guardrails::update).delete(guardrails::delete))
-        .route("/guardrails/{id}/keys", post(guardrails::assign_keys))
-        .route("/guardrails/{id}/keys/remove", post(guardrails::unassign_keys))
+        .route("/guardrails/assignments/keys", get(assignments::all_key_assignments))
+        .route("/guardrails/assignments/members", get(assignments::all_member_assignments))
+        .route("/guardrails/{id}/keys", post(assignments::assign_keys))
+        .route("/guardrails/{id}/keys/remove", post(assignments::unassign_keys))
+        .route("/guardrails/{id}/members", post(assignments::assign_members))
+        .route("/guardrails/{id}/members/remove", post(assignments::unassign_members))
+        .route(
+            "/guardrails/{id}/assignments/keys",
+            get(assignments::list_key_assignments).post(assignments::assign_keys),
+        )
+        .route("/guardrails/{id}/assignments/keys/remove", post(assignments::unassign_keys))
+        .route(
+            "/guardrails/{id}/assignments/members",
+            get(assignments::list_member_assignments).post(assignments::assign_members),
+        )
+        .route("/guardrails/{id}/assignments/members/remove", post(assignments::unassign_members))
         .route("/auth/account", get(admin::account))
         .route("/auth/account/api-keys", post(admin::create_account_key))
 }
@@ -72,6 +88,8 @@ fn management_routes() -> Router<AppState> {
         .route("/admin/orgs/{id}/credits", post(admin::grant_credits))
         .route("/me/keys", get(keys::list).post(admin::create_account_key))
         .route("/me/keys/{id}", get(keys::get).patch(keys::update).delete(keys::delete))
+        .route("/me/members", get(members::list).post(members::add))
+        .route("/me/members/{id}", axum::routing::patch(members::update).delete(members::remove))
         .route("/me/workspaces", get(workspaces::list).post(workspaces::create))
         .route("/me/workspaces/{id}", axum::routing::patch(workspaces::update).delete(workspaces::delete))
 }

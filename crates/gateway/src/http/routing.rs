@@ -133,6 +133,7 @@ pub async fn put_chain(
     body: Body,
 ) -> Result<Response, ApiError> {
     let principal = state.admission.accounts.authenticate(&headers)?;
+    principal.require(crate::accounts::Action::ManageRouting)?;
     let bytes = read_body(body, state.max_body).await?;
     let steps = match parse_json::<ChainBody>(&bytes)? {
         ChainBody::Steps(steps) | ChainBody::Named { steps } => steps,
@@ -176,6 +177,7 @@ pub async fn delete_chain(
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     let principal = state.admission.accounts.authenticate(&headers)?;
+    principal.require(crate::accounts::Action::ManageRouting)?;
     let deleted = state.routing.chains.delete(&principal.org.id, &model).await.map_err(|e| ApiError::Internal(e.into()))?;
     if deleted {
         Ok(StatusCode::NO_CONTENT.into_response())

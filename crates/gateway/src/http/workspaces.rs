@@ -1,6 +1,7 @@
 //! Workspaces: groups of keys within an organisation, each with an optional monthly budget
 //! (`budget_exceeded` once its keys' charges this month reach it). `GET/POST /me/workspaces`,
-//! `PATCH/DELETE /me/workspaces/{id}`; management keys only, scoped to the caller's org.
+//! `PATCH/DELETE /me/workspaces/{id}`; management keys only (changing: owners and admins),
+//! scoped to the caller's org.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -15,7 +16,7 @@ use super::extract::{parse_json, read_body};
 use super::keys::{internal, iso, Data};
 use super::money_json::exact;
 use super::AppState;
-use crate::accounts::Principal;
+use crate::accounts::{Action, Principal};
 use crate::error::ApiError;
 use crate::money::{nanos_to_decimal, parse_nanos};
 use crate::pipeline::unix_now_ms;
@@ -62,9 +63,10 @@ fn budget(value: &Value) -> Result<Option<i64>, ApiError> {
         .ok_or_else(|| ApiError::invalid("`monthly_budget` must be a non-negative amount", Some("monthly_budget".into())))
 }
 
-fn manager(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+/// The caller, allowed `action` (reading: any member; changing: owners and admins).
+fn manager(state: &AppState, headers: &HeaderMap, action: Action) -> Result<Principal, ApiError> {
     let principal = state.admission.accounts.authenticate(headers)?;
-    principal.require_management()?;
+    principal.require(action)?;
     Ok(principal)
 }
 
@@ -74,13 +76,13 @@ async fn own(state: &AppState, principal: &Principal, id: &str) -> Result<Worksp
 }
 
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ReadOrg)?;
     let all = state.admission.accounts.repo().list_workspaces(&principal.org.id).await.map_err(internal)?;
     Ok(Json(Data { data: all.iter().map(|w| view(w, &principal)).collect::<Vec<_>>() }).into_response())
 }
 
 pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ManageWorkspaces)?;
     let body: WorkspaceBody = parse_json(&read_body(body, state.max_body).await?)?;
     let name = body.name.filter(|n| !n.trim().is_empty()).ok_or_else(|| ApiError::invalid("`name` is required", Some("name".into())))?;
     let ws = WorkspaceRecord {
@@ -101,7 +103,7 @@ pub async fn update(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ManageWorkspaces)?;
     let body: WorkspaceBody = parse_json(&read_body(body, state.max_body).await?)?;
     let mut ws = own(&state, &principal, &id).await?;
     if let Some(name) = body.name {
@@ -116,7 +118,7 @@ pub async fn update(
 }
 
 pub async fn delete(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let principal = manager(&state, &headers)?;
+    let principal = manager(&state, &headers, Action::ManageWorkspaces)?;
     let deleted = state.admission.accounts.repo().delete_workspace(&principal.org.id, &id).await.map_err(internal)?;
     if !deleted {
         return Err(ApiError::NotFound);

@@ -13,6 +13,7 @@ mod errors;
 mod extensions;
 mod failover;
 mod helpers;
+mod members;
 mod models;
 mod ops;
 mod request_log;

@@ -36,7 +36,7 @@ impl AccountRepo for PgStore {
     fn create_key<'a>(&'a self, key: &'a KeyRecord) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let sql = format!(
-                "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+                "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
             );
             sqlx::query(&sql)
                 .bind(&key.id)
@@ -56,6 +56,7 @@ impl AccountRepo for PgStore {
                 .bind(key.created_at_ms)
                 .bind(key.updated_at_ms)
                 .bind(key.revoked_at_ms)
+                .bind(&key.member_id)
                 .execute(&self.pool)
                 .await?;
             Ok(())
@@ -67,7 +68,7 @@ impl AccountRepo for PgStore {
             let done = sqlx::query(
                 "UPDATE api_keys SET workspace_id = $1, kind = $2, name = $3, label = $4, limit_nanos = $5, \
                  limit_reset = $6, rpm_limit = $7, daily_limit = $8, budget_nanos = $9, trial = $10, disabled = $11, \
-                 expires_at_ms = $12, updated_at_ms = $13, revoked_at_ms = $14 WHERE id = $15 AND org_id = $16",
+                 expires_at_ms = $12, updated_at_ms = $13, revoked_at_ms = $14, member_id = $15 WHERE id = $16 AND org_id = $17",
             )
             .bind(&key.workspace_id)
             .bind(&key.kind)
@@ -83,6 +84,7 @@ impl AccountRepo for PgStore {
             .bind(key.expires_at_ms)
             .bind(key.updated_at_ms)
             .bind(key.revoked_at_ms)
+            .bind(&key.member_id)
             .bind(&key.id)
             .bind(&key.org_id)
             .execute(&self.pool)
@@ -316,6 +318,19 @@ impl AccountRepo for PgStore {
             let mut tx = self.pool.begin().await?;
             let mut changed = 0;
             for key_id in key_ids {
+                if assigned {
+                    // A key holds at most one guardrail: assigning replaces the other one.
+                    sqlx::query(
+                        "DELETE FROM guardrail_keys WHERE key_id = $1 AND guardrail_id <> $2 \
+                         AND EXISTS (SELECT 1 FROM guardrails g WHERE g.id = $2 AND g.org_id = $3) \
+                         AND EXISTS (SELECT 1 FROM api_keys k WHERE k.id = guardrail_keys.key_id AND k.org_id = $3)",
+                    )
+                    .bind(key_id)
+                    .bind(guardrail_id)
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 let done = sqlx::query(sql)
                     .bind(guardrail_id)
                     .bind(org_id)

@@ -8,6 +8,8 @@ mod accounts;
 mod generations;
 mod health;
 mod ledger;
+mod members;
+mod rates;
 
 use std::time::Duration;
 

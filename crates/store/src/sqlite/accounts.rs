@@ -36,7 +36,7 @@ impl AccountRepo for SqliteStore {
     fn create_key<'a>(&'a self, key: &'a KeyRecord) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let sql = format!(
-                "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             );
             sqlx::query(&sql)
                 .bind(&key.id)
@@ -56,6 +56,7 @@ impl AccountRepo for SqliteStore {
                 .bind(key.created_at_ms)
                 .bind(key.updated_at_ms)
                 .bind(key.revoked_at_ms)
+                .bind(&key.member_id)
                 .execute(&self.pool)
                 .await?;
             Ok(())
@@ -67,7 +68,7 @@ impl AccountRepo for SqliteStore {
             let done = sqlx::query(
                 "UPDATE api_keys SET workspace_id = ?, kind = ?, name = ?, label = ?, limit_nanos = ?, \
                  limit_reset = ?, rpm_limit = ?, daily_limit = ?, budget_nanos = ?, trial = ?, disabled = ?, \
-                 expires_at_ms = ?, updated_at_ms = ?, revoked_at_ms = ? WHERE id = ? AND org_id = ?",
+                 expires_at_ms = ?, updated_at_ms = ?, revoked_at_ms = ?, member_id = ? WHERE id = ? AND org_id = ?",
             )
             .bind(&key.workspace_id)
             .bind(&key.kind)
@@ -83,6 +84,7 @@ impl AccountRepo for SqliteStore {
             .bind(key.expires_at_ms)
             .bind(key.updated_at_ms)
             .bind(key.revoked_at_ms)
+            .bind(&key.member_id)
             .bind(&key.id)
             .bind(&key.org_id)
             .execute(&self.pool)
@@ -312,6 +314,21 @@ impl AccountRepo for SqliteStore {
             let mut tx = self.begin_write().await?;
             let mut changed = 0;
             for key_id in key_ids {
+                if assigned {
+                    // A key holds at most one guardrail: assigning replaces the other one.
+                    sqlx::query(
+                        "DELETE FROM guardrail_keys WHERE key_id = ? AND guardrail_id <> ? \
+                         AND EXISTS (SELECT 1 FROM guardrails g WHERE g.id = ? AND g.org_id = ?) \
+                         AND EXISTS (SELECT 1 FROM api_keys k WHERE k.id = guardrail_keys.key_id AND k.org_id = ?)",
+                    )
+                    .bind(key_id)
+                    .bind(guardrail_id)
+                    .bind(guardrail_id)
+                    .bind(org_id)
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 let done = sqlx::query(sql)
                     .bind(guardrail_id)
                     .bind(org_id)

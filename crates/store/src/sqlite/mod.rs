@@ -9,6 +9,8 @@ mod accounts;
 mod generations;
 mod health;
 mod ledger;
+mod members;
+mod rates;
 
 use std::path::Path;
 use std::str::FromStr;
