@@ -181,10 +181,12 @@ pub fn record(ctx: &RequestCtx, outcome: &Outcome<'_>) -> GenerationRecord {
     }
 }
 
+/// Metrics, the access log line and the trace span of a finished request.
 fn observe(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, latency_ms: u64) {
+    crate::telemetry::request_finished(ctx, outcome, usage, latency_ms);
     let Some(route) = outcome.route else {
         // Not served by any route: rare, so the label lookup is affordable.
-        metrics::counter!("marga_requests_total", "model" => ctx.model.id.clone(), "provider" => "none", "status" => outcome.status)
+        metrics::counter!("marga_requests_total", "model" => ctx.model.id.clone(), "provider" => "none", "route" => "none", "status" => outcome.status)
             .increment(1);
         return;
     };
@@ -196,4 +198,8 @@ fn observe(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, latency_ms: u
     }
     m.prompt_tokens.increment(usage.prompt_tokens);
     m.completion_tokens.increment(usage.completion_tokens);
+    if let Some(cost) = outcome.cost {
+        let nanos = crate::money::decimal_to_nanos_ceil(cost.amount);
+        m.cost(cost.currency).increment(u64::try_from(nanos).unwrap_or(0));
+    }
 }

@@ -14,6 +14,7 @@ mod extensions;
 mod failover;
 mod helpers;
 mod models;
+mod observability;
 mod ops;
 mod request_log;
 mod residency;
