@@ -114,11 +114,16 @@ async fn metrics_parse_as_prometheus_text_and_count_each_request_of_a_model_exac
     // One refused by the upstream (400: no failover), recorded as an error of the model.
     app.upstream("metrics-up").set_scenario(Scenario { fail_first: 1, fail_status: 400, ..Scenario::default() });
     assert_eq!(send(&app.client, &app.base_url, &key, &chat("test/metrics", false, "refused")).await.status, 400);
+    assert_eq!(app.wait_for_records(4).await, 4, "every request is in the request log");
 
     let after = scrape(&app.base_url).await;
     assert_eq!(value(&after, "marga_requests_total", &with(&[("status", "success")])), Some(3.0));
-    let failed = value(&after, "marga_requests_total", &[("model", "test/metrics"), ("status", "error")]);
-    assert_eq!(failed, Some(1.0), "the refused request counts as an error");
+    let failed: f64 = after
+        .iter()
+        .filter(|s| s.metric == "marga_requests_total" && s.labels.get("model") == Some("test/metrics") && s.labels.get("status") == Some("error"))
+        .map(|s| if let PromValue::Counter(v) = s.value { v } else { 0.0 })
+        .sum();
+    assert_eq!(failed, 1.0, "the refused request counts as an error");
     assert_eq!(value(&after, "marga_tokens_total", &with(&[("direction", "prompt")])), Some(prompt));
     assert_eq!(value(&after, "marga_tokens_total", &with(&[("direction", "completion")])), Some(completion));
     assert!(cost > 0.0, "an organisation's key pays");
