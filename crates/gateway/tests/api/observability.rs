@@ -406,3 +406,52 @@ async fn otlp_export_sends_one_gen_ai_span_per_request() {
     assert_eq!(attribute(by_id(&streamed.id), "marga.streamed").as_deref(), Some("true"));
     assert!(attribute(by_id(&streamed.id), "marga.ttft_ms").is_some());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The database unavailable
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_never_delays_an_answer_and_its_records_arrive_through_the_spill_file() {
+    use sqlx::Connection;
+
+    let app = crate::helpers::spawn_app().await;
+    if app.database.is_some() {
+        note_skipped("observability::a_locked_database_…: it locks the SQLite file (runs in the SQLite pass)");
+        return;
+    }
+    let data = app.data_dir.path().join("data");
+    assert_eq!(app.post_chat(&crate::helpers::user_chat("sandbox/echo", "before")).await.status, 200);
+    assert_eq!(app.wait_for_records(1).await, 1);
+
+    // Another process's write transaction: every write of the gateway now waits on SQLite's
+    // busy timeout (5 s) and fails.
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("marga.db"));
+    let mut lock = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut lock).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let started = Instant::now();
+        let reply = app.post_chat(&crate::helpers::user_chat("sandbox/echo", &format!("while locked {i}"))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        assert!(started.elapsed() < Duration::from_secs(2), "an answer waited {:?} on the database", started.elapsed());
+        ids.push(reply.header("x-generation-id").unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let spill = data.join("requests.spill");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::fs::metadata(&spill).map_or(0, |m| m.len()) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(std::fs::metadata(&spill).unwrap().len() > 0, "the records went to the spill file");
+
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    drop(lock);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.store.count_generations().await.unwrap() < 21 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in &ids {
+        assert!(app.store.get_generation(id).await.unwrap().is_some(), "{id} never reached the database");
+    }
+    assert_eq!(app.store.count_generations().await.unwrap(), 21);
+}
