@@ -48,6 +48,8 @@ pub struct ClientInfo {
     pub referer: Option<String>,
     /// The OpenAI `user` field.
     pub end_user: Option<String>,
+    /// The caller's W3C `traceparent`, when traces are exported.
+    pub trace_parent: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// One try of one route.

@@ -5,15 +5,19 @@
 //!
 //! The span is built once the request has finished, from what the request log records, with
 //! the request's real start time; spans go to a bounded queue drained by the SDK's batch
-//! exporter thread (a full queue drops spans, never waits). When no endpoint is configured
-//! the tracer is never installed, and [`export_request`] is one atomic load.
+//! exporter thread (a full queue drops spans, never waits). A caller's W3C `traceparent`
+//! header makes the span its child. When no endpoint is configured the tracer is never
+//! installed: [`parent`] and [`export_request`] are one atomic load each.
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use marga_protocol::openai::Usage;
-use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
-use opentelemetry::{Array, KeyValue, StringValue, Value};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
 use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
@@ -87,6 +91,28 @@ pub fn enabled() -> bool {
     TRACER.get().is_some()
 }
 
+/// The caller's W3C `traceparent` (parsed only when spans are exported).
+pub fn parent(headers: &http::HeaderMap) -> Option<SpanContext> {
+    if !enabled() {
+        return None;
+    }
+    parse_traceparent(headers.get("traceparent")?.to_str().ok()?)
+}
+
+/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`; `None` for anything else.
+fn parse_traceparent(value: &str) -> Option<SpanContext> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let well_formed = version.len() == 2 && version != "ff" && trace.len() == 32 && span.len() == 16 && flags.len() == 2;
+    if !well_formed || (version == "00" && parts.next().is_some()) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok().filter(|id| *id != TraceId::INVALID)?;
+    let span_id = SpanId::from_hex(span).ok().filter(|id| *id != SpanId::INVALID)?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some(SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, TraceState::default()))
+}
+
 /// The GenAI `gen_ai.operation.name` of an endpoint.
 fn operation(endpoint: Endpoint) -> &'static str {
     match endpoint {
@@ -157,12 +183,15 @@ pub fn export_request(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, la
     if let Some(kind) = &error {
         attributes.push(KeyValue::new("error.type", kind.clone()));
     }
-    let mut span = tracer
+    let builder = tracer
         .span_builder(format!("{op} {}", ctx.model.id))
         .with_kind(SpanKind::Client)
         .with_start_time(start)
-        .with_attributes(attributes)
-        .start(tracer);
+        .with_attributes(attributes);
+    let mut span = match &ctx.client.trace_parent {
+        Some(parent) => builder.start_with_context(tracer, &Context::new().with_remote_span_context(parent.clone())),
+        None => builder.start(tracer),
+    };
     if let Some(kind) = error {
         span.set_status(Status::error(kind));
     }
@@ -183,5 +212,25 @@ mod tests {
         assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
         assert_eq!(traces_url("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
         assert!(!enabled(), "no exporter is installed unless configured");
+    }
+
+    #[test]
+    fn traceparent_is_parsed_strictly() {
+        let parent = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let parent = parent.as_ref().map(|p| (p.trace_id().to_string(), p.span_id().to_string(), p.is_sampled(), p.is_remote()));
+        let expected = ("4bf92f3577b34da6a3ce929d0e0e4736".to_owned(), "00f067aa0ba902b7".to_owned(), true, true);
+        assert_eq!(parent, Some(expected));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-xyz92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(parse_traceparent(bad).is_none(), "{bad}");
+        }
+        assert!(parent(&http::HeaderMap::new()).is_none());
     }
 }

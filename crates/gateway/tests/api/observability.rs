@@ -374,14 +374,26 @@ async fn otlp_export_sends_one_gen_ai_span_per_request() {
     let ok = send(&client, &gateway.base_url, &tenant.key, &chat("test/obs", false, "trace me")).await;
     let usage = ok.usage.clone().unwrap();
     let streamed = send(&client, &gateway.base_url, &tenant.key, &chat("test/obs", true, "trace me too")).await;
+    // A caller that traces: its span becomes the parent.
+    let (trace_id, parent_id) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let child = client
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(&tenant.key)
+        .header("traceparent", format!("00-{trace_id}-{parent_id}-01"))
+        .json(&chat("test/obs", false, "a child span"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(child.status(), 200);
+    let child_id = child.headers().get("x-generation-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     // Exported about every second; the shutdown sends what is left.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while spans.lock().unwrap().len() < 2 && Instant::now() < deadline {
+    while spans.lock().unwrap().len() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(terminate(&mut gateway));
     let spans = spans.lock().unwrap().clone();
-    assert_eq!(spans.len(), 2, "one span per request: {spans:?}");
+    assert_eq!(spans.len(), 3, "one span per request: {spans:?}");
     let by_id = |id: &Option<String>| {
         spans.iter().find(|s| attribute(s, "gen_ai.response.id") == *id).unwrap_or_else(|| panic!("no span for {id:?}: {spans:?}"))
     };
@@ -405,6 +417,9 @@ async fn otlp_export_sends_one_gen_ai_span_per_request() {
     assert_eq!(attribute(span, "error.type"), None);
     assert_eq!(attribute(by_id(&streamed.id), "marga.streamed").as_deref(), Some("true"));
     assert!(attribute(by_id(&streamed.id), "marga.ttft_ms").is_some());
+    assert!(span.parent_span_id.is_empty(), "without traceparent, a root span");
+    let child = by_id(&child_id);
+    assert_eq!((hex::encode(&child.trace_id), hex::encode(&child.parent_span_id)), (trace_id.to_owned(), parent_id.to_owned()));
 }
 
 // ---------------------------------------------------------------------------------------------
