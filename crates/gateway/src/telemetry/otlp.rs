@@ -216,10 +216,10 @@ mod tests {
 
     #[test]
     fn traceparent_is_parsed_strictly() {
-        let parent = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        let parent = parent.as_ref().map(|p| (p.trace_id().to_string(), p.span_id().to_string(), p.is_sampled(), p.is_remote()));
+        let parsed = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let parsed = parsed.as_ref().map(|p| (p.trace_id().to_string(), p.span_id().to_string(), p.is_sampled(), p.is_remote()));
         let expected = ("4bf92f3577b34da6a3ce929d0e0e4736".to_owned(), "00f067aa0ba902b7".to_owned(), true, true);
-        assert_eq!(parent, Some(expected));
+        assert_eq!(parsed, Some(expected));
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
