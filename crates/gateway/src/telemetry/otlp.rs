@@ -144,11 +144,32 @@ fn error_type(outcome: &Outcome<'_>) -> Option<String> {
 /// Exports the span of a finished request (nothing when no exporter is installed).
 pub fn export_request(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, latency_ms: u64) {
     let Some(tracer) = TRACER.get() else { return };
-    let op = operation(ctx.endpoint);
     let end = SystemTime::now();
     let start = end.checked_sub(Duration::from_millis(latency_ms)).unwrap_or(end);
+    let error = error_type(outcome);
+    let mut attributes = attributes(ctx, outcome, usage);
+    if let Some(kind) = &error {
+        attributes.push(KeyValue::new("error.type", kind.clone()));
+    }
+    let builder = tracer
+        .span_builder(format!("{} {}", operation(ctx.endpoint), ctx.model.id))
+        .with_kind(SpanKind::Client)
+        .with_start_time(start)
+        .with_attributes(attributes);
+    let mut span = match &ctx.client.trace_parent {
+        Some(parent) => builder.start_with_context(tracer, &Context::new().with_remote_span_context(parent.clone())),
+        None => builder.start(tracer),
+    };
+    if let Some(kind) = error {
+        span.set_status(Status::error(kind));
+    }
+    span.end_with_timestamp(end);
+}
+
+/// The span's attributes: GenAI conventions first, then Marga's own.
+fn attributes(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage) -> Vec<KeyValue> {
     let mut attributes = vec![
-        KeyValue::new("gen_ai.operation.name", op),
+        KeyValue::new("gen_ai.operation.name", operation(ctx.endpoint)),
         KeyValue::new("gen_ai.request.model", ctx.model.id.clone()),
         KeyValue::new("gen_ai.response.id", ctx.id.clone()),
         KeyValue::new("gen_ai.usage.input_tokens", to_i64(usage.prompt_tokens)),
@@ -179,23 +200,7 @@ pub fn export_request(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, la
         attributes.push(KeyValue::new("marga.cost", cost.amount.to_string()));
         attributes.push(KeyValue::new("marga.currency", cost.currency.code()));
     }
-    let error = error_type(outcome);
-    if let Some(kind) = &error {
-        attributes.push(KeyValue::new("error.type", kind.clone()));
-    }
-    let builder = tracer
-        .span_builder(format!("{op} {}", ctx.model.id))
-        .with_kind(SpanKind::Client)
-        .with_start_time(start)
-        .with_attributes(attributes);
-    let mut span = match &ctx.client.trace_parent {
-        Some(parent) => builder.start_with_context(tracer, &Context::new().with_remote_span_context(parent.clone())),
-        None => builder.start(tracer),
-    };
-    if let Some(kind) = error {
-        span.set_status(Status::error(kind));
-    }
-    span.end_with_timestamp(end);
+    attributes
 }
 
 fn to_i64(n: u64) -> i64 {
