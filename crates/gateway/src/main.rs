@@ -81,7 +81,7 @@ fn check_config(args: ServeArgs) -> Result<(), String> {
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let config = args.load()?;
-    marga_gateway::telemetry::init_logging(config.log.format);
+    let _log = marga_gateway::telemetry::init_logging(config.log.format);
     // Before the runtime: the exporter's HTTP client runs on a thread of its own.
     let otlp = marga_gateway::telemetry::otlp::init(&config.telemetry).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;

@@ -49,6 +49,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             }
             metrics::gauge!("marga_request_log_queue").set(state.log.depth() as f64);
             metrics::gauge!("marga_ledger_queue").set(state.admission.ledger.queue_depth() as f64);
+            metrics::counter!("marga_log_lines_dropped_total").absolute(crate::telemetry::log_lines_dropped());
             let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
             ([(header::CONTENT_TYPE, content_type)], handle.render()).into_response()
         }

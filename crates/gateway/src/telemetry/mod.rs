@@ -14,6 +14,7 @@ use crate::config::LogFormat;
 use crate::pipeline::{Outcome, RequestCtx};
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
 
 /// Latency buckets in seconds, from 100 µs to 2 minutes.
 const LATENCY_BUCKETS: &[f64] =
@@ -40,19 +41,44 @@ pub fn prometheus() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Structured logs to stderr, as text or one JSON object per line (fields at the top level).
-/// The level comes from `RUST_LOG` (default `info`).
-pub fn init_logging(format: LogFormat) {
+/// Keeps the log writer thread alive; dropping it writes what is still buffered.
+#[must_use = "log lines buffered when the guard is dropped are written then; keep it until exit"]
+pub struct LogGuard {
+    _writer: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+/// Lines buffered for the log writer thread at most; past it lines are dropped (and counted
+/// in `marga_log_lines_dropped_total`) rather than making a request wait for stderr.
+const LOG_BUFFER_LINES: usize = 65_536;
+
+/// Structured logs to stderr, as text or one JSON object per line (fields at the top level),
+/// written by a thread of their own. The level comes from `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .lossy(true)
+        .finish(std::io::stderr());
+    let drops = writer.error_counter();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    if result.is_err() {
+    match result {
+        Ok(()) => {
+            let _ = LOG_DROPS.set(drops);
+            LogGuard { _writer: Some(guard) }
+        }
         // Already initialised (tests start several apps in one process).
+        Err(_) => LogGuard { _writer: None },
     }
+}
+
+/// Log lines dropped because the log writer fell behind.
+pub fn log_lines_dropped() -> u64 {
+    LOG_DROPS.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// A request has finished: its access log line, and its span when traces are exported.
@@ -81,5 +107,5 @@ pub fn request_finished(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, 
         attempts = ctx.attempts.len(),
         "request"
     );
-    otlp::export_request(ctx, outcome, usage, latency_ms);
+    otlp::export_request(ctx, outcome, usage);
 }

@@ -142,10 +142,10 @@ fn error_type(outcome: &Outcome<'_>) -> Option<String> {
 }
 
 /// Exports the span of a finished request (nothing when no exporter is installed).
-pub fn export_request(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, latency_ms: u64) {
+pub fn export_request(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage) {
     let Some(tracer) = TRACER.get() else { return };
     let end = SystemTime::now();
-    let start = end.checked_sub(Duration::from_millis(latency_ms)).unwrap_or(end);
+    let start = end.checked_sub(ctx.started.elapsed()).unwrap_or(end);
     let error = error_type(outcome);
     let mut attributes = attributes(ctx, outcome, usage);
     if let Some(kind) = &error {
