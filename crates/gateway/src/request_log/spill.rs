@@ -51,7 +51,11 @@ impl Spill {
         if self.len.saturating_add(size) > self.max_bytes {
             return Err(std::io::Error::other(format!("the spill file would pass its maximum of {} bytes", self.max_bytes)));
         }
-        self.file.write_all(&buf)?;
+        if let Err(e) = self.file.write_all(&buf) {
+            // A partial write (disk full) would glue a torn line to the next one: cut it off.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
         self.len += size;
         self.report();
         Ok(())
