@@ -444,14 +444,17 @@ async fn a_locked_database_never_delays_an_answer_and_its_records_arrive_through
     let mut lock = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
     sqlx::query("BEGIN EXCLUSIVE").execute(&mut lock).await.unwrap();
     let mut ids = Vec::new();
+    let mut slowest = Duration::ZERO;
     for i in 0..20 {
         let started = Instant::now();
         let reply = app.post_chat(&crate::helpers::user_chat("sandbox/echo", &format!("while locked {i}"))).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
         assert!(started.elapsed() < Duration::from_secs(2), "an answer waited {:?} on the database", started.elapsed());
+        slowest = slowest.max(started.elapsed());
         ids.push(reply.header("x-generation-id").unwrap().to_owned());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    eprintln!("slowest answer while the database was locked: {slowest:?}");
     let spill = data.join("requests.spill");
     let deadline = Instant::now() + Duration::from_secs(15);
     while std::fs::metadata(&spill).map_or(0, |m| m.len()) == 0 && Instant::now() < deadline {
@@ -461,6 +464,7 @@ async fn a_locked_database_never_delays_an_answer_and_its_records_arrive_through
 
     sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
     drop(lock);
+    let unlocked = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(20);
     while app.store.count_generations().await.unwrap() < 21 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -469,4 +473,5 @@ async fn a_locked_database_never_delays_an_answer_and_its_records_arrive_through
         assert!(app.store.get_generation(id).await.unwrap().is_some(), "{id} never reached the database");
     }
     assert_eq!(app.store.count_generations().await.unwrap(), 21);
+    eprintln!("every record in the database {:?} after the lock was released", unlocked.elapsed());
 }
