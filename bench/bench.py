@@ -587,8 +587,8 @@ class Bench:
                                          headers={"Authorization": f"Bearer {MASTER_KEY}"})
             with urllib.request.urlopen(req, timeout=5) as resp:
                 for line in resp.read().decode().splitlines():
-                    if line.startswith("marga_request_log_dropped_total"):
-                        dropped = float(line.split()[-1])
+                    if line.startswith("marga_request_log_dropped_total"):  # one series per reason
+                        dropped = (dropped or 0) + float(line.split()[-1])
         except Exception as e:  # noqa: BLE001
             log(f"cannot read /metrics: {e}")
         self.record({"kind": "request_log", "rows": rows, "dropped": dropped or 0,

@@ -50,6 +50,11 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot open the request log's spill file: {source}")]
+    RequestLog {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -67,12 +72,13 @@ impl App {
         // The recorder first: routes register their metric handles when they are built.
         let prometheus = crate::telemetry::prometheus();
         let registry = Arc::new(Registry::build(&config)?);
-        let flush = Duration::from_millis(config.server.log_flush_ms.max(1));
-        let (log, log_writer) = RequestLog::start(store.clone(), config.server.log_queue, flush);
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { source })?;
+        let spill = config.data_dir.join("requests.spill");
+        let (log, log_writer) = RequestLog::start(store.clone(), &config.log, Some(&spill))
+            .map_err(|source| StartError::RequestLog { source })?;
         let chains = SavedChains::load(store.clone()).await?;
         let accounts = Arc::new(Accounts::start(store.clone(), master_hash, &config.billing.default_org_currency).await?);
         let lease_ttl = Duration::from_secs(config.billing.lease_ttl_s.max(1));
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { source })?;
         let journal = config.data_dir.join("charges.journal");
         let (ledger, ledger_writer) = Ledger::start(store.clone(), lease_ttl, Some(&journal)).await?;
         let health_sync = crate::routing::shared::HealthSync::new(store.clone(), &registry).spawn();

@@ -107,6 +107,11 @@ impl Ledger {
         Ok((Arc::new(Ledger { repo, holder, lease_ttl, orgs, opening, journal, writer: tx }), task))
     }
 
+    /// Charges waiting for the charge writer (for `/metrics`).
+    pub fn queue_depth(&self) -> usize {
+        self.writer.max_capacity().saturating_sub(self.writer.capacity())
+    }
+
     pub fn repo(&self) -> &dyn LedgerRepo {
         self.repo.as_ref()
     }

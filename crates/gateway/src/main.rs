@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use marga_gateway::app::App;
 use marga_gateway::auth::MasterKey;
-use marga_gateway::config::{Config, Overrides};
+use marga_gateway::config::{Config, LogFormat, Overrides};
 
 /// mimalloc: the request path allocates many small, short-lived buffers; glibc's malloc spent
 /// ~15% of the gateway's CPU on them under load.
@@ -80,20 +80,31 @@ fn check_config(args: ServeArgs) -> Result<(), String> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    marga_gateway::telemetry::init_logging();
     let config = args.load()?;
+    let _log = marga_gateway::telemetry::init_logging(config.log.format);
+    // Before the runtime: the exporter's HTTP client runs on a thread of its own.
+    let otlp = marga_gateway::telemetry::otlp::init(&config.telemetry).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let master_key = std::env::var("MARGA_MASTER_KEY").ok();
         let models = config.models.len();
+        let text_logs = config.log.format == LogFormat::Text;
         let app = App::build(config, master_key).await.map_err(|e| e.to_string())?;
-        announce(&app, models);
+        announce(&app, models, text_logs);
         app.run_until_stopped(shutdown_signal()).await.map_err(|e| format!("server error: {e}"))
-    })
+    });
+    drop(runtime);
+    // After the request log and the ledger are flushed: the last spans.
+    if let Some(otlp) = otlp {
+        otlp.shutdown();
+    }
+    result
 }
 
-/// Says where the gateway listens and, on first start, shows the generated master key once.
-fn announce(app: &App, models: usize) {
+/// Says where the gateway listens and, on first start, shows the generated master key once
+/// (on stderr, outside the log; the plain "listening" line only with text logs, so that JSON
+/// logs stay one object per line).
+fn announce(app: &App, models: usize, text_logs: bool) {
     tracing::info!(addr = %app.local_addr(), models, "marga is listening");
     match app.master_key() {
         MasterKey::Generated(key) => {
@@ -103,7 +114,9 @@ fn announce(app: &App, models: usize) {
         MasterKey::FromEnvironment => tracing::info!("master key from MARGA_MASTER_KEY"),
         MasterKey::Stored => tracing::info!("master key: using the one generated on first start"),
     }
-    eprintln!("marga listening on http://{}", app.local_addr());
+    if text_logs {
+        eprintln!("marga listening on http://{}", app.local_addr());
+    }
 }
 
 async fn shutdown_signal() {

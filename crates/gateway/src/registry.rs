@@ -9,7 +9,7 @@ use metrics::{Counter, Histogram};
 use rust_decimal::prelude::ToPrimitive;
 
 use crate::config::{Config, ModelConfig, ModelType, ProviderConfig};
-use crate::money::{Fx, TokenPrice};
+use crate::money::{Currency, Fx, TokenPrice};
 use crate::routing::RouteHealth;
 
 /// One configured upstream.
@@ -43,7 +43,8 @@ pub struct Route {
     pub metrics: RouteMetrics,
 }
 
-/// The per-route metric handles.
+/// The per-route metric handles. Labels are the operator's model, provider and route names
+/// (from the config, so their number is bounded), never anything a client sent.
 pub struct RouteMetrics {
     success: Counter,
     error: Counter,
@@ -53,29 +54,45 @@ pub struct RouteMetrics {
     pub ttft: Histogram,
     pub prompt_tokens: Counter,
     pub completion_tokens: Counter,
+    /// What callers were charged, in nanos of each currency.
+    cost_usd: Counter,
+    cost_inr: Counter,
     /// `marga_upstream_attempts_total{outcome="success"}` of this route's provider.
     pub attempt_success: Counter,
 }
 
 impl RouteMetrics {
-    fn new(model: &str, provider: &str) -> Self {
-        let (m, p) = (model.to_owned(), provider.to_owned());
+    fn new(model: &str, provider: &str, upstream_model: &str) -> Self {
+        let (m, p, r) = (model.to_owned(), provider.to_owned(), format!("{provider}/{upstream_model}"));
         let requests = |status: &'static str| {
-            metrics::counter!("marga_requests_total", "model" => m.clone(), "provider" => p.clone(), "status" => status)
+            metrics::counter!("marga_requests_total", "model" => m.clone(), "provider" => p.clone(), "route" => r.clone(), "status" => status)
         };
         let tokens = |direction: &'static str| {
-            metrics::counter!("marga_tokens_total", "model" => m.clone(), "provider" => p.clone(), "direction" => direction)
+            metrics::counter!("marga_tokens_total", "model" => m.clone(), "provider" => p.clone(), "route" => r.clone(), "direction" => direction)
+        };
+        let cost = |currency: Currency| {
+            metrics::counter!("marga_cost_nanos_total", "model" => m.clone(), "provider" => p.clone(), "route" => r.clone(), "currency" => currency.code())
         };
         RouteMetrics {
             success: requests("success"),
             error: requests("error"),
             error_midstream: requests("error_midstream"),
             cancelled: requests("cancelled"),
-            duration: metrics::histogram!("marga_request_duration_seconds", "model" => m.clone(), "provider" => p.clone()),
-            ttft: metrics::histogram!("marga_time_to_first_token_seconds", "model" => m.clone(), "provider" => p.clone()),
+            duration: metrics::histogram!("marga_request_duration_seconds", "model" => m.clone(), "provider" => p.clone(), "route" => r.clone()),
+            ttft: metrics::histogram!("marga_time_to_first_token_seconds", "model" => m.clone(), "provider" => p.clone(), "route" => r.clone()),
             prompt_tokens: tokens("prompt"),
             completion_tokens: tokens("completion"),
+            cost_usd: cost(Currency::Usd),
+            cost_inr: cost(Currency::Inr),
             attempt_success: metrics::counter!("marga_upstream_attempts_total", "provider" => p.clone(), "outcome" => "success"),
+        }
+    }
+
+    /// The cost counter of `currency`.
+    pub fn cost(&self, currency: Currency) -> &Counter {
+        match currency {
+            Currency::Usd => &self.cost_usd,
+            Currency::Inr => &self.cost_inr,
         }
     }
 
@@ -154,7 +171,7 @@ impl Registry {
                     let price = r.price().ok()?;
                     let health = RouteHealth::new(config.routing.breaker);
                     let rank_price = price.combined_per_mtok(&config.fx).to_f64().unwrap_or(f64::MAX);
-                    let metrics = RouteMetrics::new(id, &provider.id);
+                    let metrics = RouteMetrics::new(id, &provider.id, &r.model);
                     Some(Arc::new(Route { provider, upstream_model: r.model.clone(), price, rank_price, health, metrics }))
                 })
                 .collect();

@@ -1,7 +1,9 @@
 //! The rows the repositories read and write, as plain structs.
 
-/// One request, as the request log keeps it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
+/// One request, as the request log keeps it. Serializable so that the gateway can spill
+/// records to a local file while the database is unreachable (missing fields read as default).
+#[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct GenerationRecord {
     /// The response `id` the client saw (also `x-generation-id`).
     pub id: String,

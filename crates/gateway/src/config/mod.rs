@@ -5,6 +5,7 @@
 //! key and what is wrong.
 
 mod env;
+mod observability;
 mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use thiserror::Error;
 
+pub use observability::{LogConfig, LogFormat, TelemetryConfig};
 pub use schema::{BillingSettings, LimitSettings, ModelConfig, ModelType, ProviderConfig, RouteConfig};
 
 /// The catalog of real providers and models compiled into the binary.
@@ -29,6 +31,10 @@ pub struct Config {
     /// Postgres URL (several instances share it), or `None` for the embedded SQLite.
     pub database_url: Option<String>,
     pub server: schema::ServerSettings,
+    /// `[log]`: the request log's writer and the log format.
+    pub log: LogConfig,
+    /// `[telemetry]`: OpenTelemetry export.
+    pub telemetry: TelemetryConfig,
     pub billing: BillingSettings,
     pub limits: LimitSettings,
     pub routing: RoutingSettings,
@@ -113,6 +119,8 @@ impl Config {
         let models = merge_models(&catalog, &user, &providers, &file_name)?;
         let routing = top.routing.resolve(&file_name)?;
         let fx = top.fx.resolve(&file_name)?;
+        let log = top.log.resolve(&top.server, &file_name, lookup)?;
+        let telemetry = top.telemetry.resolve(&file_name, lookup)?;
         let listen = match overrides.listen {
             Some(addr) => addr,
             None => parse_listen(top.listen.as_deref(), &file_name)?,
@@ -132,6 +140,8 @@ impl Config {
             data_dir,
             database_url,
             server: top.server,
+            log,
+            telemetry,
             billing: top.billing,
             limits: top.limits,
             routing,

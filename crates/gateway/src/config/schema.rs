@@ -24,6 +24,10 @@ pub(super) struct TopLevel {
     #[serde(default)]
     pub server: ServerSettings,
     #[serde(default)]
+    pub log: super::observability::RawLog,
+    #[serde(default)]
+    pub telemetry: super::observability::RawTelemetry,
+    #[serde(default)]
     pub billing: BillingSettings,
     #[serde(default)]
     pub limits: LimitSettings,
@@ -45,9 +49,9 @@ pub(super) struct TopLevel {
 pub struct ServerSettings {
     /// Largest request body accepted, in bytes (larger → 413).
     pub max_body_bytes: usize,
-    /// How often the request log is flushed to the database, in milliseconds.
+    /// Older spelling of `[log] flush_interval_ms` (used when that is absent).
     pub log_flush_ms: u64,
-    /// How many request records may wait in memory for the writer.
+    /// Older spelling of `[log] queue` (used when that is absent).
     pub log_queue: usize,
 }
 

@@ -39,12 +39,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// User agent, referer and the OpenAI `user` field, for the request log.
+/// User agent, referer and the OpenAI `user` field, for the request log; the caller's
+/// `traceparent`, for its span.
 pub fn client_info(headers: &HeaderMap, end_user: Option<&str>) -> ClientInfo {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect());
     ClientInfo {
         user_agent: header("user-agent"),
         referer: header("http-referer").or_else(|| header("referer")),
         end_user: end_user.map(|u| u.chars().take(256).collect()),
+        trace_parent: crate::telemetry::otlp::parent(headers),
     }
 }

@@ -1,5 +1,7 @@
 //! Operations endpoints: `GET /health` (providers, and every route's breaker) and
 //! `GET /metrics` (Prometheus text format; `marga_breaker_state` is 0 closed, 1 half-open, 2 open).
+//! Gauges that describe a state (breakers, queue depths) are read at each scrape; every metric
+//! is listed in docs/operations.md.
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -45,6 +47,9 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                 };
                 metrics::gauge!("marga_breaker_state", "model" => model.id.clone(), "route" => route.label()).set(value);
             }
+            metrics::gauge!("marga_request_log_queue").set(state.log.depth() as f64);
+            metrics::gauge!("marga_ledger_queue").set(state.admission.ledger.queue_depth() as f64);
+            metrics::counter!("marga_log_lines_dropped_total").absolute(crate::telemetry::log_lines_dropped());
             let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
             ([(header::CONTENT_TYPE, content_type)], handle.render()).into_response()
         }

@@ -48,6 +48,8 @@ pub struct ClientInfo {
     pub referer: Option<String>,
     /// The OpenAI `user` field.
     pub end_user: Option<String>,
+    /// The caller's W3C `traceparent`, when traces are exported.
+    pub trace_parent: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// One try of one route.
@@ -181,10 +183,12 @@ pub fn record(ctx: &RequestCtx, outcome: &Outcome<'_>) -> GenerationRecord {
     }
 }
 
+/// Metrics, the access log line and the trace span of a finished request.
 fn observe(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, latency_ms: u64) {
+    crate::telemetry::request_finished(ctx, outcome, usage, latency_ms);
     let Some(route) = outcome.route else {
         // Not served by any route: rare, so the label lookup is affordable.
-        metrics::counter!("marga_requests_total", "model" => ctx.model.id.clone(), "provider" => "none", "status" => outcome.status)
+        metrics::counter!("marga_requests_total", "model" => ctx.model.id.clone(), "provider" => "none", "route" => "none", "status" => outcome.status)
             .increment(1);
         return;
     };
@@ -196,4 +200,8 @@ fn observe(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage, latency_ms: u
     }
     m.prompt_tokens.increment(usage.prompt_tokens);
     m.completion_tokens.increment(usage.completion_tokens);
+    if let Some(cost) = outcome.cost {
+        let nanos = crate::money::decimal_to_nanos_ceil(cost.amount);
+        m.cost(cost.currency).increment(u64::try_from(nanos).unwrap_or(0));
+    }
 }

@@ -51,13 +51,13 @@ async fn kill_9_on_postgres_loses_no_acknowledged_charge_and_strands_no_credit()
 }
 
 /// Where a gateway keeps its state: `dir/data` (SQLite) or a Postgres database.
-struct Data {
-    dir: tempfile::TempDir,
-    database: Option<TestDatabase>,
+pub(crate) struct Data {
+    pub dir: tempfile::TempDir,
+    pub database: Option<TestDatabase>,
 }
 
 impl Data {
-    fn data_dir(&self) -> PathBuf {
+    pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
@@ -70,22 +70,28 @@ impl Data {
     }
 
     /// The store, opened from the test (as another process would).
-    async fn store(&self) -> Arc<dyn Repos> {
+    pub async fn store(&self) -> Arc<dyn Repos> {
         marga_store::open(self.database.as_ref().map(|db| db.url.as_str()), &self.data_dir()).await.expect("open the store")
     }
 }
 
 /// A `marga serve` child process; killed (SIGKILL) when dropped.
-struct Gateway {
-    child: Child,
-    base_url: String,
-    log: PathBuf,
+pub(crate) struct Gateway {
+    pub child: Child,
+    pub base_url: String,
+    /// Its stderr.
+    pub log: PathBuf,
 }
 
 impl Gateway {
     /// Starts the binary on a free port (picked by binding port 0; on a lost race for it, with
     /// another) and waits for `/health`.
-    async fn start(config: &Path, data: &Data, master_key: &str, name: &str) -> Gateway {
+    pub async fn start(config: &Path, data: &Data, master_key: &str, name: &str) -> Gateway {
+        Gateway::start_with_env(config, data, master_key, name, &[("RUST_LOG", "warn")]).await
+    }
+
+    /// [`Gateway::start`] with more environment variables (`RUST_LOG`, `MARGA_LOG_FORMAT`, …).
+    pub async fn start_with_env(config: &Path, data: &Data, master_key: &str, name: &str, env: &[(&str, &str)]) -> Gateway {
         let client = reqwest::Client::new();
         for attempt in 0..5 {
             let port = free_port();
@@ -98,7 +104,10 @@ impl Gateway {
                 .arg(config)
                 .args(data.args())
                 .env("MARGA_MASTER_KEY", master_key)
+                .env_remove("MARGA_LOG_FORMAT")
+                .env_remove("MARGA_OTLP_ENDPOINT")
                 .env("RUST_LOG", "warn")
+                .envs(env.iter().copied())
                 .env_remove("MARGA_DATABASE_URL")
                 .env_remove("MARGA_LISTEN")
                 .env_remove("MARGA_DATA_DIR")
@@ -125,18 +134,18 @@ impl Gateway {
         panic!("could not start marga");
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }
 
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(4000);
         text.get(start..).unwrap_or_default().to_owned()
     }
 
     /// SIGKILL, and reaps the process.
-    fn kill_9(&mut self) {
+    pub fn kill_9(&mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
     }

@@ -15,6 +15,7 @@ mod failover;
 mod helpers;
 mod members;
 mod models;
+mod observability;
 mod ops;
 mod request_log;
 mod residency;
