@@ -1,7 +1,7 @@
 //! Marga's persistence: repository traits per aggregate and their SQL implementations.
 //!
 //! Architecture invariant: this is the only crate that contains SQL. The gateway sees
-//! repository traits ([`SettingsRepo`], [`GenerationRepo`], [`ChainRepo`], [`AccountRepo`],
+//! repository traits ([`SettingsRepo`], [`GenerationRepo`], [`UsageRepo`], [`ChainRepo`], [`AccountRepo`],
 //! [`LedgerRepo`], all of them together as [`Repos`]) and plain record structs; which database
 //! sits behind them is decided once, at start, by [`open`]: SQLite ([`SqliteStore`], embedded,
 //! the default) or Postgres ([`PgStore`], for several instances sharing one database).
@@ -12,6 +12,7 @@ mod postgres;
 mod record;
 mod sql;
 mod sqlite;
+mod usage;
 
 use std::future::Future;
 use std::path::Path;
@@ -26,6 +27,7 @@ pub use postgres::PgStore;
 pub use health::{HealthRepo, RouteHealthRecord};
 pub use record::{ChainRecord, GenerationRecord};
 pub use sqlite::SqliteStore;
+pub use usage::{EventsPage, ModelTokens, RouteStats, UsageQuery, UsageRepo, UsageRow};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -70,10 +72,13 @@ pub trait ChainRepo: Send + Sync {
 
 /// Every repository, as one object: what [`open`] returns. `Arc<dyn Repos>` coerces to
 /// `Arc<dyn SettingsRepo>`, `Arc<dyn LedgerRepo>`, … (trait upcasting, Rust 1.86+).
-pub trait Repos: SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + Send + Sync {}
+pub trait Repos:
+    SettingsRepo + GenerationRepo + UsageRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + Send + Sync
+{
+}
 
 impl<T> Repos for T where
-    T: SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + Send + Sync + ?Sized
+    T: SettingsRepo + GenerationRepo + UsageRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + Send + Sync + ?Sized
 {
 }
 

@@ -13,6 +13,9 @@ mod money_json;
 mod ops;
 mod respond;
 mod routing;
+mod stats;
+mod usage;
+mod usage_report;
 mod workspaces;
 
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use crate::request_log::RequestLog;
 use crate::routing::Routing;
 
 pub use models::ModelPages;
+pub use usage::UsageState;
 
 /// What handlers share. Every field is an `Arc` or a cheap handle.
 #[derive(Clone)]
@@ -39,6 +43,8 @@ pub struct AppState {
     pub log: RequestLog,
     pub routing: Arc<Routing>,
     pub model_pages: Arc<ModelPages>,
+    /// Usage analytics: the store's queries and the public statistics cache.
+    pub usage: Arc<UsageState>,
     pub prometheus: Option<PrometheusHandle>,
     pub max_body: usize,
 }
@@ -56,6 +62,9 @@ fn api_routes() -> Router<AppState> {
         .route("/keys/{hash}", get(keys::get).patch(keys::update).delete(keys::delete))
         .route("/key", get(keys::current))
         .route("/credits", get(keys::credits))
+        .route("/generation", get(usage::generation))
+        .route("/activity", get(usage::openrouter_activity))
+        .route("/rankings", get(stats::rankings))
         .route("/guardrails", get(guardrails::list).post(guardrails::create))
         .route("/guardrails/{id}", get(guardrails::get).patch(guardrails::update).delete(guardrails::delete))
         .route("/guardrails/{id}/keys", post(guardrails::assign_keys))
@@ -73,6 +82,10 @@ fn management_routes() -> Router<AppState> {
         .route("/me/keys", get(keys::list).post(admin::create_account_key))
         .route("/me/keys/{id}", get(keys::get).patch(keys::update).delete(keys::delete))
         .route("/me/workspaces", get(workspaces::list).post(workspaces::create))
+        .route("/me/usage", get(usage::me_usage))
+        .route("/me/usage/daily", get(usage::me_usage_daily))
+        .route("/me/activity", get(usage::me_activity))
+        .route("/me/activity/events", get(usage::me_events))
         .route("/me/workspaces/{id}", axum::routing::patch(workspaces::update).delete(workspaces::delete))
 }
 

@@ -8,6 +8,7 @@ mod accounts;
 mod generations;
 mod health;
 mod ledger;
+mod usage;
 
 use std::time::Duration;
 

@@ -9,6 +9,7 @@ mod accounts;
 mod generations;
 mod health;
 mod ledger;
+mod usage;
 
 use std::path::Path;
 use std::str::FromStr;
