@@ -20,3 +20,4 @@ mod residency;
 mod routing;
 mod scale_out;
 mod streaming;
+mod usage;
