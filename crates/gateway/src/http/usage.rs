@@ -274,7 +274,7 @@ pub async fn openrouter_activity(
 struct ProviderResponse {
     provider: String,
     model: String,
-    /// `success`, or how the attempt failed (`http_error`, `timeout`, …).
+    /// `success`, or how the attempt failed (`server`, `timeout`, …).
     status: String,
     http_status: Option<u16>,
     latency: u64,
