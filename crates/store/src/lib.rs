@@ -27,7 +27,7 @@ pub use postgres::PgStore;
 pub use health::{HealthRepo, RouteHealthRecord};
 pub use record::{ChainRecord, GenerationRecord};
 pub use sqlite::SqliteStore;
-pub use usage::{EventsPage, ModelTokens, RouteStats, UsageQuery, UsageRepo, UsageRow};
+pub use usage::{EventsPage, ModelTokens, RouteStats, UsageGroup, UsageQuery, UsageRepo, UsageRow};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

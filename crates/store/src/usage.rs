@@ -4,7 +4,8 @@
 //!
 //! **Rollups.** `usage_daily` holds one row per (organisation, local day, key, model,
 //! provider) with exact sums (tokens, cost in nanos, requests, errors); `route_daily` one row
-//! per (model, provider, UTC day) with the attempts made on that route and how many failed.
+//! per (model, provider, UTC day) with the attempts made on that route, how many failed, and
+//! the records it served (for rankings and model statistics).
 //! Both are updated in the transaction that inserts the generations they count, from the rows
 //! that insert actually added (a record written twice is counted once). The activity
 //! endpoints read only the rollup, whatever the number of records.
@@ -49,7 +50,7 @@ pub struct UsageRow {
 }
 
 /// Which rollup rows to read: one organisation, an inclusive range of its local days, and
-/// optionally one model and one key.
+/// optionally one model and one key; summed over the dimensions `group` leaves out.
 #[derive(Clone, Debug)]
 pub struct UsageQuery<'a> {
     pub org_id: &'a str,
@@ -57,6 +58,22 @@ pub struct UsageQuery<'a> {
     pub to_day: i64,
     pub model: Option<&'a str>,
     pub key_id: Option<&'a str>,
+    pub group: UsageGroup,
+}
+
+/// The dimensions a usage query keeps; the others are summed over (and read back as `-1`
+/// for the day, `''` for the rest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageGroup {
+    pub day: bool,
+    pub key: bool,
+    pub model: bool,
+    pub provider: bool,
+}
+
+impl UsageGroup {
+    /// Every dimension: the rollup rows as stored.
+    pub const ALL: UsageGroup = UsageGroup { day: true, key: true, model: true, provider: true };
 }
 
 /// Tokens per model over a window, across every organisation (BYOK excluded).
@@ -67,8 +84,8 @@ pub struct ModelTokens {
     pub tokens: i64,
 }
 
-/// One route of one model over a window, from the records it served and the attempts made
-/// on it.
+/// One route of one model over whole UTC days, from the records it served and the attempts
+/// made on it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct RouteStats {
     pub provider: String,
@@ -102,10 +119,11 @@ pub trait UsageRepo: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<EventsPage>, StoreError>>;
     /// The rollup rows matching `query`.
     fn usage_rows<'a>(&'a self, query: &'a UsageQuery<'a>) -> BoxFuture<'a, Result<Vec<UsageRow>, StoreError>>;
-    /// Requests and tokens per model, every organisation, days `>= since_day`, BYOK excluded.
+    /// Requests and tokens per model, every organisation, UTC days `>= since_day`, BYOK
+    /// excluded.
     fn model_tokens(&self, since_day: i64) -> BoxFuture<'_, Result<Vec<ModelTokens>, StoreError>>;
-    /// Per-route statistics of `model` since `since_ms` (attempts from whole UTC days).
-    fn route_stats<'a>(&'a self, model: &'a str, since_ms: i64) -> BoxFuture<'a, Result<Vec<RouteStats>, StoreError>>;
+    /// Per-route statistics of `model` over the UTC days `>= since_day`.
+    fn route_stats<'a>(&'a self, model: &'a str, since_day: i64) -> BoxFuture<'a, Result<Vec<RouteStats>, StoreError>>;
     /// `(provider, latency_ms)` of the newest `limit` successful requests of `model` since
     /// `since_ms`, for percentiles.
     fn route_latencies<'a>(
@@ -144,7 +162,20 @@ pub(crate) const USAGE_COLUMNS: &str = "org_id, day, key_id, model, provider, re
 
 /// The rollup rows of a [`UsageQuery`], and what to bind.
 pub(crate) fn usage_rows_sql(query: &UsageQuery<'_>) -> (String, Vec<Bind>) {
-    let mut sql = format!("SELECT {USAGE_COLUMNS} FROM usage_daily WHERE org_id = ? AND day >= ? AND day <= ?");
+    let g = query.group;
+    let dim = |keep: bool, column: &'static str, none: &'static str| if keep { column } else { none };
+    let (day, key, model, provider) = (
+        dim(g.day, "day", "CAST(-1 AS BIGINT)"),
+        dim(g.key, "key_id", "''"),
+        dim(g.model, "model", "''"),
+        dim(g.provider, "provider", "''"),
+    );
+    let sums: Vec<String> = SUMMED.iter().map(|c| format!("CAST(SUM({c}) AS BIGINT) AS {c}")).collect();
+    let mut sql = format!(
+        "SELECT org_id, {day} AS day, {key} AS key_id, {model} AS model, {provider} AS provider, {} \
+         FROM usage_daily WHERE org_id = ? AND day >= ? AND day <= ?",
+        sums.join(", ")
+    );
     let mut binds = vec![Bind::Text(query.org_id.to_owned()), Bind::Int(query.from_day), Bind::Int(query.to_day)];
     if let Some(model) = query.model {
         sql.push_str(" AND model = ?");
@@ -154,28 +185,34 @@ pub(crate) fn usage_rows_sql(query: &UsageQuery<'_>) -> (String, Vec<Bind>) {
         sql.push_str(" AND key_id = ?");
         binds.push(Bind::Text(key.to_owned()));
     }
-    sql.push_str(" ORDER BY day, model, key_id, provider");
+    let kept: Vec<&str> = [(g.day, "day"), (g.key, "key_id"), (g.model, "model"), (g.provider, "provider")]
+        .iter()
+        .filter(|(keep, _)| *keep)
+        .map(|(_, c)| *c)
+        .collect();
+    let group = std::iter::once("org_id").chain(kept.iter().copied()).collect::<Vec<_>>().join(", ");
+    sql.push_str(&format!(" GROUP BY {group} ORDER BY {group}"));
     (sql, binds)
 }
 
+/// The summed columns of `usage_daily`.
+const SUMMED: [&str; 10] = [
+    "requests", "errors", "cancelled", "byok_requests", "prompt_tokens", "completion_tokens",
+    "reasoning_tokens", "cached_tokens", "byok_tokens", "cost_nanos",
+];
+
 pub(crate) const MODEL_TOKENS_SQL: &str = "SELECT model, \
-    CAST(COALESCE(SUM(requests - byok_requests), 0) AS BIGINT) AS requests, \
-    CAST(COALESCE(SUM(prompt_tokens + completion_tokens - byok_tokens), 0) AS BIGINT) AS tokens \
-    FROM usage_daily WHERE day >= ? GROUP BY model";
+    CAST(COALESCE(SUM(ranked_requests), 0) AS BIGINT) AS requests, \
+    CAST(COALESCE(SUM(ranked_tokens), 0) AS BIGINT) AS tokens \
+    FROM route_daily WHERE day >= ? GROUP BY model";
 
-/// Per provider: records (served or failed last) and successes' tokens and time.
-pub(crate) const ROUTE_RECORDS_SQL: &str = "SELECT COALESCE(provider, '') AS provider, \
-    CAST(COUNT(*) AS BIGINT) AS requests, \
-    CAST(COALESCE(SUM(CASE WHEN status = 'success' THEN 1 ELSE 0 END), 0) AS BIGINT) AS successes, \
-    CAST(COALESCE(SUM(CASE WHEN status IN ('error', 'error_midstream') THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors, \
-    CAST(COALESCE(SUM(CASE WHEN status = 'success' AND generation_time_ms > 0 THEN completion_tokens ELSE 0 END), 0) AS BIGINT) AS completion_tokens, \
-    CAST(COALESCE(SUM(CASE WHEN status = 'success' AND generation_time_ms > 0 THEN generation_time_ms ELSE 0 END), 0) AS BIGINT) AS generation_ms, \
-    CAST(0 AS BIGINT) AS attempts, CAST(0 AS BIGINT) AS attempt_failures \
-    FROM generations WHERE model = ? AND created_at_ms >= ? GROUP BY COALESCE(provider, '')";
-
-pub(crate) const ROUTE_ATTEMPTS_SQL: &str = "SELECT provider, \
-    CAST(COALESCE(SUM(attempts), 0) AS BIGINT), CAST(COALESCE(SUM(failures), 0) AS BIGINT) \
-    FROM route_daily WHERE model = ? AND day >= ? GROUP BY provider";
+/// Per provider of one model: records (served or failed last) and attempts.
+pub(crate) const ROUTE_STATS_SQL: &str = "SELECT provider, \
+    CAST(SUM(requests) AS BIGINT) AS requests, CAST(SUM(successes) AS BIGINT) AS successes, \
+    CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(gen_tokens) AS BIGINT) AS completion_tokens, \
+    CAST(SUM(gen_ms) AS BIGINT) AS generation_ms, CAST(SUM(attempts) AS BIGINT) AS attempts, \
+    CAST(SUM(failures) AS BIGINT) AS attempt_failures \
+    FROM route_daily WHERE model = ? AND day >= ? AND provider <> '' GROUP BY provider ORDER BY provider";
 
 pub(crate) const ROUTE_LATENCIES_SQL: &str = "SELECT COALESCE(provider, ''), latency_ms FROM generations \
     WHERE model = ? AND created_at_ms >= ? AND status = 'success' ORDER BY created_at_ms DESC LIMIT ?";
@@ -190,28 +227,26 @@ pub(crate) fn events_sql(columns: &str, after_cursor: bool) -> String {
     format!("SELECT {columns} FROM generations WHERE org_id = ?{cursor} ORDER BY created_at_ms DESC, id DESC LIMIT ?")
 }
 
-/// Merges the attempts rollup into per-provider record statistics.
-pub(crate) fn merge_attempts(mut stats: Vec<RouteStats>, attempts: Vec<(String, i64, i64)>) -> Vec<RouteStats> {
-    for (provider, total, failed) in attempts {
-        match stats.iter_mut().find(|s| s.provider == provider) {
-            Some(s) => {
-                s.attempts = total;
-                s.attempt_failures = failed;
-            }
-            None => stats.push(RouteStats { provider, attempts: total, attempt_failures: failed, ..RouteStats::default() }),
-        }
-    }
-    stats.retain(|s| !s.provider.is_empty());
-    stats.sort_by(|a, b| a.provider.cmp(&b.provider));
-    stats
+/// What one batch adds to one `route_daily` row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RouteDelta {
+    pub model: String,
+    pub provider: String,
+    pub day: i64,
+    /// attempts, failures, requests, successes, errors, ranked_requests, ranked_tokens,
+    /// gen_tokens, gen_ms: the columns of `route_daily` after the key, in order.
+    pub counts: [i64; 9],
 }
+
+const ROUTE_COUNTS: [&str; 9] = [
+    "attempts", "failures", "requests", "successes", "errors", "ranked_requests", "ranked_tokens", "gen_tokens", "gen_ms",
+];
 
 /// What one batch adds to the rollups.
 #[derive(Default)]
 pub(crate) struct RollupDeltas {
     pub usage: Vec<UsageRow>,
-    /// `(model, provider, utc_day, attempts, failures)`.
-    pub routes: Vec<(String, String, i64, i64, i64)>,
+    pub routes: Vec<RouteDelta>,
 }
 
 #[derive(serde::Deserialize)]
@@ -225,7 +260,7 @@ struct AttemptOutcome {
 pub(crate) fn rollup_deltas(records: &[GenerationRecord], inserted: &HashSet<String>) -> RollupDeltas {
     type UsageKey = (String, i64, String, String, String);
     let mut usage: BTreeMap<UsageKey, UsageRow> = BTreeMap::new();
-    let mut routes: BTreeMap<(String, String, i64), (i64, i64)> = BTreeMap::new();
+    let mut routes: BTreeMap<(String, String, i64), [i64; 9]> = BTreeMap::new();
     for r in records.iter().filter(|r| inserted.contains(&r.id)) {
         let key = (
             r.org_id.clone().unwrap_or_default(),
@@ -234,13 +269,15 @@ pub(crate) fn rollup_deltas(records: &[GenerationRecord], inserted: &HashSet<Str
             r.model.clone(),
             r.provider.clone().unwrap_or_default(),
         );
-        let row = usage.entry(key).or_default();
-        add_record(row, r);
+        add_record(usage.entry(key).or_default(), r);
+        let day = r.created_at_ms.div_euclid(DAY_MS);
+        let served = routes.entry((r.model.clone(), r.provider.clone().unwrap_or_default(), day)).or_default();
+        add_served(served, r);
         let attempts: Vec<AttemptOutcome> = serde_json::from_str(&r.attempts).unwrap_or_default();
         for a in attempts {
-            let entry = routes.entry((r.model.clone(), a.provider, r.created_at_ms.div_euclid(DAY_MS))).or_default();
-            entry.0 += 1;
-            entry.1 += i64::from(a.outcome != "success");
+            let counts = routes.entry((r.model.clone(), a.provider, day)).or_default();
+            counts[0] += 1;
+            counts[1] += i64::from(a.outcome != "success");
         }
     }
     RollupDeltas {
@@ -248,7 +285,23 @@ pub(crate) fn rollup_deltas(records: &[GenerationRecord], inserted: &HashSet<Str
             .into_iter()
             .map(|((org_id, day, key_id, model, provider), row)| UsageRow { org_id, day, key_id, model, provider, ..row })
             .collect(),
-        routes: routes.into_iter().map(|((m, p, d), (n, f))| (m, p, d, n, f)).collect(),
+        routes: routes.into_iter().map(|((model, provider, day), counts)| RouteDelta { model, provider, day, counts }).collect(),
+    }
+}
+
+/// A record's part of its provider's `route_daily` counts (everything but the attempts).
+fn add_served(counts: &mut [i64; 9], r: &GenerationRecord) {
+    let success = r.status == "success";
+    counts[2] += 1;
+    counts[3] += i64::from(success);
+    counts[4] += i64::from(r.status == "error" || r.status == "error_midstream");
+    if !r.byok {
+        counts[5] += 1;
+        counts[6] = counts[6].saturating_add(r.prompt_tokens.saturating_add(r.completion_tokens));
+    }
+    if let Some(ms) = r.generation_time_ms.filter(|ms| success && *ms > 0) {
+        counts[7] = counts[7].saturating_add(r.completion_tokens);
+        counts[8] = counts[8].saturating_add(ms);
     }
 }
 
@@ -308,23 +361,29 @@ pub(crate) fn usage_upsert_binds(rows: &[UsageRow]) -> Vec<Bind> {
     binds
 }
 
-/// The upsert that adds route attempt deltas (`rows` rows of 5 values).
+/// The upsert that adds route deltas (`rows` rows of 12 values).
 pub(crate) fn routes_upsert_sql(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, ?, ?)"; rows].join(", ");
+    let one = format!("({})", vec!["?"; 12].join(", "));
+    let values = vec![one; rows].join(", ");
+    let sets: Vec<String> = ROUTE_COUNTS.iter().map(|c| format!("{c} = route_daily.{c} + excluded.{c}")).collect();
     format!(
-        "INSERT INTO route_daily (model, provider, day, attempts, failures) VALUES {values} \
-         ON CONFLICT (model, provider, day) DO UPDATE SET attempts = route_daily.attempts + excluded.attempts, \
-         failures = route_daily.failures + excluded.failures"
+        "INSERT INTO route_daily (model, provider, day, {}) VALUES {values} \
+         ON CONFLICT (model, provider, day) DO UPDATE SET {}",
+        ROUTE_COUNTS.join(", "),
+        sets.join(", ")
     )
 }
 
-pub(crate) fn routes_upsert_binds(rows: &[(String, String, i64, i64, i64)]) -> Vec<Bind> {
-    rows.iter()
-        .flat_map(|(m, p, d, n, f)| [Bind::Text(m.clone()), Bind::Text(p.clone()), Bind::Int(*d), Bind::Int(*n), Bind::Int(*f)])
-        .collect()
+pub(crate) fn routes_upsert_binds(rows: &[RouteDelta]) -> Vec<Bind> {
+    let mut binds = Vec::with_capacity(rows.len() * 12);
+    for r in rows {
+        binds.extend([Bind::Text(r.model.clone()), Bind::Text(r.provider.clone()), Bind::Int(r.day)]);
+        binds.extend(r.counts.map(Bind::Int));
+    }
+    binds
 }
 
-/// Rollup rows per upsert statement (15 values each: well within both databases' limits).
+/// Rollup rows per upsert statement (at most 15 values each: well within both databases' limits).
 pub(crate) const ROLLUP_ROWS_PER_UPSERT: usize = 500;
 
 #[cfg(test)]
@@ -358,9 +417,8 @@ mod tests {
         assert_eq!(deltas.usage.len(), 1);
         let row = &deltas.usage[0];
         assert_eq!((row.requests, row.errors, row.prompt_tokens, row.cost_nanos, row.day), (2, 1, 20, 7, 3));
-        assert_eq!(
-            deltas.routes,
-            vec![("m".into(), "a".into(), 3, 2, 2), ("m".into(), "b".into(), 3, 2, 0)]
-        );
+        let counts: Vec<(&str, [i64; 9])> = deltas.routes.iter().map(|r| (r.provider.as_str(), r.counts)).collect();
+        // b served both (one success with no generation time, one error); a failed both times.
+        assert_eq!(counts, [("a", [2, 2, 0, 0, 0, 0, 0, 0, 0]), ("b", [2, 0, 2, 1, 1, 2, 30, 0, 0])]);
     }
 }

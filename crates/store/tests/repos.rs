@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marga_store::{
     AccountRepo, ChainRecord, ChainRepo, Charge, GenerationRecord, GenerationRepo, GuardrailRecord, KeyRecord,
-    LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord, Repos, SettingsRepo, StoreError, UsageQuery,
+    LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord, Repos, SettingsRepo, StoreError, UsageGroup, UsageQuery,
     WorkspaceRecord,
 };
 use sqlx::{Connection, PgConnection};
@@ -1137,7 +1137,7 @@ async fn usage_rollups_events_and_route_stats(ctx: &Ctx) {
     // A batch written again (a retried flush) is counted once.
     store.insert_generations(&records[..2]).await.unwrap();
 
-    let all = UsageQuery { org_id: "a", from_day: 20_000, to_day: 20_001, model: None, key_id: None };
+    let all = UsageQuery { org_id: "a", from_day: 20_000, to_day: 20_001, model: None, key_id: None, group: UsageGroup::ALL };
     let rows = store.usage_rows(&all).await.unwrap();
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert!(rows.iter().all(|r| r.org_id == "a"));
@@ -1154,6 +1154,17 @@ async fn usage_rollups_events_and_route_stats(ctx: &Ctx) {
     assert_eq!(store.usage_rows(&filtered).await.unwrap().len(), 2);
     let one_day = UsageQuery { from_day: 20_001, ..all.clone() };
     assert_eq!(store.usage_rows(&one_day).await.unwrap().len(), 1);
+    // Summed by the store over the dimensions left out.
+    let by_model = UsageQuery { group: UsageGroup { model: true, ..UsageGroup::default() }, ..all.clone() };
+    let models: Vec<(String, i64, i64, i64)> =
+        store.usage_rows(&by_model).await.unwrap().into_iter().map(|r| (r.model, r.requests, r.cost_nanos, r.day)).collect();
+    assert_eq!(models, [("m1".into(), 3, 2 * 123_456_789, -1), ("m2".into(), 1, 123_456_789, -1)]);
+    let totals = store.usage_rows(&UsageQuery { group: UsageGroup::default(), ..all.clone() }).await.unwrap();
+    assert_eq!((totals.len(), totals[0].requests, totals[0].key_id.as_str()), (1, 4, ""));
+    let by_day_key = UsageQuery { group: UsageGroup { day: true, key: true, ..UsageGroup::default() }, ..all.clone() };
+    let days: Vec<(i64, String, i64)> =
+        store.usage_rows(&by_day_key).await.unwrap().into_iter().map(|r| (r.day, r.key_id, r.requests)).collect();
+    assert_eq!(days, [(20_000, "k1".into(), 2), (20_000, "k2".into(), 1), (20_001, "k1".into(), 1)]);
 
     // Generations are scoped to their organisation.
     assert_eq!(store.org_generation("a", "g1").await.unwrap().unwrap().cost_nanos, 123_456_789);
@@ -1178,7 +1189,8 @@ async fn usage_rollups_events_and_route_stats(ctx: &Ctx) {
     assert!(store.model_tokens(20_002).await.unwrap().is_empty());
 
     // Route stats: records per provider, and every attempt (failed over ones too).
-    let stats = store.route_stats("m1", t0 - 1).await.unwrap();
+    let stats = store.route_stats("m1", 20_000).await.unwrap();
+    assert!(store.route_stats("m1", 20_001).await.unwrap().iter().all(|s| s.provider == "p2"));
     let p1 = stats.iter().find(|s| s.provider == "p1").unwrap();
     assert_eq!((p1.requests, p1.successes, p1.errors), (3, 2, 1));
     assert_eq!((p1.completion_tokens, p1.generation_ms), (80, 200));

@@ -25,8 +25,9 @@ use crate::pipeline::unix_now_ms;
 
 /// How long a rendered answer is served before it is computed again.
 pub const TTL: Duration = Duration::from_secs(60);
-/// Model stats look back this far.
-const STATS_WINDOW_MS: i64 = 7 * 86_400_000;
+/// Model stats look back this many UTC days (today included).
+const STATS_DAYS: i64 = 7;
+const DAY_MS: i64 = 86_400_000;
 /// Latency percentiles are taken over at most this many of the newest successes.
 const LATENCY_SAMPLE: u32 = 100_000;
 /// Models listed per rankings window.
@@ -80,7 +81,7 @@ struct Ranked {
 
 /// The catalog models with the most tokens over the `days` UTC days ending today.
 async fn ranking(state: &AppState, days: i64) -> Result<Vec<Ranked>, ApiError> {
-    let today = unix_now_ms().div_euclid(86_400_000);
+    let today = unix_now_ms().div_euclid(DAY_MS);
     let mut rows = state.usage.repo.model_tokens(today - (days - 1)).await.map_err(internal)?;
     rows.retain(|r| r.tokens > 0 && state.registry.model(&r.model).is_some_and(|m| m.id == r.model));
     rows.sort_by(|a, b| b.tokens.cmp(&a.tokens).then(b.requests.cmp(&a.requests)).then(a.model.cmp(&b.model)));
@@ -230,9 +231,10 @@ pub async fn model(state: &AppState, name: &str) -> Result<Response, ApiError> {
         .usage
         .public
         .get_or_compute(&format!("stats:{id}"), || async {
-            let since = unix_now_ms() - STATS_WINDOW_MS;
+            let since_day = unix_now_ms().div_euclid(DAY_MS) - (STATS_DAYS - 1);
+            let since = since_day * DAY_MS;
             let repo = &state.usage.repo;
-            let routes = repo.route_stats(&id, since).await.map_err(internal)?;
+            let routes = repo.route_stats(&id, since_day).await.map_err(internal)?;
             let latencies = repo.route_latencies(&id, since, LATENCY_SAMPLE).await.map_err(internal)?;
             to_bytes(&serde_json::json!({ "data": model_stats(&id, routes, latencies) }))
         })

@@ -15,7 +15,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use marga_store::{GenerationRecord, UsageQuery, UsageRepo, UsageRow};
+use marga_store::{GenerationRecord, UsageGroup, UsageQuery, UsageRepo, UsageRow};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -80,6 +80,16 @@ async fn rows(state: &AppState, query: &UsageQuery<'_>) -> Result<Vec<UsageRow>,
     state.usage.repo.usage_rows(query).await.map_err(internal)
 }
 
+/// Keeps the dimensions named: `day`, `key`, `model`, `provider`.
+fn group(day: bool, key: bool, model: bool, provider: bool) -> UsageGroup {
+    UsageGroup { day, key, model, provider }
+}
+
+/// The last 30 local days of the organisation, kept by `group`.
+fn last_30_days(principal: &Principal, today: i64, group: UsageGroup) -> UsageQuery<'_> {
+    UsageQuery { org_id: &principal.org.id, from_day: today - 29, to_day: today, model: None, key_id: None, group }
+}
+
 /// The organisation's key names by id (revoked keys are no longer listed: `null` names).
 async fn key_names(state: &AppState, principal: &Principal) -> Result<KeyNames, ApiError> {
     let keys = state.admission.accounts.repo().list_keys(&principal.org.id).await.map_err(internal)?;
@@ -94,8 +104,7 @@ async fn key_names(state: &AppState, principal: &Principal) -> Result<KeyNames, 
 pub async fn me_usage(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let principal = manager(&state, &headers)?;
     let today = today(&principal);
-    let query = UsageQuery { org_id: &principal.org.id, from_day: today - 29, to_day: today, model: None, key_id: None };
-    let rows = rows(&state, &query).await?;
+    let rows = rows(&state, &last_30_days(&principal, today, group(true, true, false, false))).await?;
     let mut usage = report::usage(&rows, today, &key_names(&state, &principal).await?);
     usage.timezone = principal.org.timezone.label();
     usage.currency = principal.org.currency.code();
@@ -106,8 +115,7 @@ pub async fn me_usage(State(state): State<AppState>, headers: HeaderMap) -> Resu
 pub async fn me_usage_daily(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let principal = manager(&state, &headers)?;
     let today = today(&principal);
-    let query = UsageQuery { org_id: &principal.org.id, from_day: today - 29, to_day: today, model: None, key_id: None };
-    let rows = rows(&state, &query).await?;
+    let rows = rows(&state, &last_30_days(&principal, today, group(true, false, true, false))).await?;
     #[derive(Serialize)]
     struct Daily {
         from: String,
@@ -154,8 +162,15 @@ pub async fn me_activity(
         to_day: to,
         model: text_param(&params, "model")?,
         key_id: text_param(&params, "key_id")?,
+        group: UsageGroup::default(),
     };
-    let rows = rows(&state, &query).await?;
+    let by = |group| UsageQuery { group, ..query.clone() };
+    let rows = report::ActivityRows {
+        by_day: rows(&state, &by(group(true, false, false, false))).await?,
+        by_model: rows(&state, &by(group(false, false, true, false))).await?,
+        by_key: rows(&state, &by(group(false, true, false, false))).await?,
+        by_model_provider: rows(&state, &by(group(false, false, true, true))).await?,
+    };
     let mut activity = report::activity(&rows, from, to, &key_names(&state, &principal).await?);
     activity.timezone = principal.org.timezone.label();
     activity.currency = principal.org.currency.code();
@@ -264,7 +279,8 @@ pub async fn openrouter_activity(
         (from, to) = (day, day);
     }
     let model = text_param(&params, "model")?;
-    let query = UsageQuery { org_id: &principal.org.id, from_day: from, to_day: to, model, key_id: None };
+    let group = group(true, false, true, true);
+    let query = UsageQuery { org_id: &principal.org.id, from_day: from, to_day: to, model, key_id: None, group };
     let rows = rows(&state, &query).await?;
     Ok(Json(Data { data: report::openrouter_activity(&rows) }).into_response())
 }

@@ -198,30 +198,38 @@ fn by_tokens<K: Ord + Clone>(groups: BTreeMap<K, Sums>) -> Vec<(K, Sums)> {
     list
 }
 
+/// The rollup of one range, summed four ways (by the store).
+pub struct ActivityRows {
+    pub by_day: Vec<UsageRow>,
+    pub by_model: Vec<UsageRow>,
+    pub by_key: Vec<UsageRow>,
+    pub by_model_provider: Vec<UsageRow>,
+}
+
 /// Folds the rows of days `from..=to` into the activity report; every day of the range is in
 /// `days`, zero when nothing happened.
-pub fn activity(rows: &[UsageRow], from: i64, to: i64, names: &KeyNames) -> Activity {
-    let per_day = group_by(rows, |r| r.day);
+pub fn activity(rows: &ActivityRows, from: i64, to: i64, names: &KeyNames) -> Activity {
+    let per_day = group_by(&rows.by_day, |r| r.day);
     let days = (from..=to)
         .map(|d| DayView { date: date_of(d), sums: per_day.get(&d).copied().unwrap_or_default().view() })
         .collect();
-    let per_model = group_by(rows, |r| r.model.clone());
+    let per_model = group_by(&rows.by_model, |r| r.model.clone());
     let models = per_model.keys().cloned().collect();
     let top_models =
         by_tokens(per_model).into_iter().take(TOP).map(|(model, s)| ModelView { model, sums: s.view() }).collect();
-    let per_key = group_by(rows, |r| r.key_id.clone());
+    let per_key = group_by(&rows.by_key, |r| r.key_id.clone());
     let keys = per_key.keys().map(|k| key_ref(k)).collect();
     let top_keys = by_tokens(per_key)
         .into_iter()
         .take(TOP)
         .map(|(key, s)| KeyView { key_name: names.get(&key).cloned(), key_id: key_ref(&key), sums: s.view() })
         .collect();
-    let providers = by_tokens(group_by(rows, |r| r.provider.clone()))
+    let providers = by_tokens(group_by(&rows.by_model_provider, |r| r.provider.clone()))
         .into_iter()
         .filter(|(p, _)| !p.is_empty())
         .map(|(provider, s)| ProviderView { provider, requests: s.requests, total_tokens: s.tokens(), cost: amount(s.cost_nanos) })
         .collect();
-    let model_providers = group_by(rows, |r| (r.model.clone(), r.provider.clone()))
+    let model_providers = group_by(&rows.by_model_provider, |r| (r.model.clone(), r.provider.clone()))
         .into_iter()
         .filter(|((_, p), _)| !p.is_empty())
         .map(|((model, provider), s)| ModelProviderView {
@@ -242,7 +250,7 @@ pub fn activity(rows: &[UsageRow], from: i64, to: i64, names: &KeyNames) -> Acti
         top_keys,
         providers,
         model_providers,
-        totals: total(rows).view(),
+        totals: total(&rows.by_day).view(),
         models,
         keys,
     }
@@ -393,7 +401,8 @@ mod tests {
             row(12, "k1", "a", "p2", 3, 999_999_999),
         ];
         let names: KeyNames = [("k1".to_owned(), "first".to_owned())].into();
-        let report = activity(&rows, 9, 12, &names);
+        let all = ActivityRows { by_day: rows.to_vec(), by_model: rows.to_vec(), by_key: rows.to_vec(), by_model_provider: rows.to_vec() };
+        let report = activity(&all, 9, 12, &names);
         assert_eq!(report.days.len(), 4);
         assert_eq!(report.days[0].sums.requests, 0);
         assert_eq!(report.days[1].sums.requests, 3);

@@ -32,19 +32,29 @@ CREATE TABLE usage_daily (
     PRIMARY KEY (org_id, day, key_id, model, provider)
 );
 
-CREATE INDEX usage_daily_day ON usage_daily (day, model);
-
--- Every attempt on every route (from each record's `attempts`), per public model, provider
--- and UTC day: what a route's success rate is computed from (a failed-over attempt is in
--- another route's record). Older rows are not backfilled.
+-- One row per public model, provider and UTC day: what the public statistics read.
+-- `attempts`/`failures` count every attempt on the route (from each record's `attempts`: a
+-- failed-over attempt is in another route's record); the other columns count the records the
+-- provider served or failed last ('' = none tried). `ranked_*` leave BYOK requests out;
+-- `gen_tokens`/`gen_ms` are completion tokens and generation time of successes that measured
+-- one (tokens per second). Attempts of older rows are not backfilled.
 CREATE TABLE route_daily (
-    model     TEXT NOT NULL,
-    provider  TEXT NOT NULL,
-    day       BIGINT NOT NULL,
-    attempts  BIGINT NOT NULL,
-    failures  BIGINT NOT NULL,
+    model          TEXT NOT NULL,
+    provider       TEXT NOT NULL,
+    day            BIGINT NOT NULL,
+    attempts       BIGINT NOT NULL,
+    failures       BIGINT NOT NULL,
+    requests       BIGINT NOT NULL,
+    successes      BIGINT NOT NULL,
+    errors         BIGINT NOT NULL,
+    ranked_requests BIGINT NOT NULL,
+    ranked_tokens  BIGINT NOT NULL,
+    gen_tokens     BIGINT NOT NULL,
+    gen_ms         BIGINT NOT NULL,
     PRIMARY KEY (model, provider, day)
 );
+
+CREATE INDEX route_daily_day ON route_daily (day);
 
 INSERT INTO usage_daily
 SELECT COALESCE(org_id, ''), local_day, COALESCE(key_id, ''), model, COALESCE(provider, ''),
@@ -58,3 +68,5 @@ FROM generations
 GROUP BY COALESCE(org_id, ''), local_day, COALESCE(key_id, ''), model, COALESCE(provider, '');
 
 CREATE INDEX generations_org_created_id ON generations (org_id, created_at_ms, id);
+-- Its prefix: no longer needed (one index less to write per record).
+DROP INDEX generations_org_created;

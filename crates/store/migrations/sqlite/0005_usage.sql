@@ -36,19 +36,29 @@ CREATE TABLE usage_daily (
     PRIMARY KEY (org_id, day, key_id, model, provider)
 ) STRICT;
 
-CREATE INDEX usage_daily_day ON usage_daily (day, model);
-
--- Every attempt on every route (from each record's `attempts`), per public model, provider
--- and UTC day: what a route's success rate is computed from (a failed-over attempt is in
--- another route's record). Older rows are not backfilled.
+-- One row per public model, provider and UTC day: what the public statistics read.
+-- `attempts`/`failures` count every attempt on the route (from each record's `attempts`: a
+-- failed-over attempt is in another route's record); the other columns count the records the
+-- provider served or failed last ('' = none tried). `ranked_*` leave BYOK requests out;
+-- `gen_tokens`/`gen_ms` are completion tokens and generation time of successes that measured
+-- one (tokens per second). Attempts of older rows are not backfilled.
 CREATE TABLE route_daily (
-    model     TEXT NOT NULL,
-    provider  TEXT NOT NULL,
-    day       INTEGER NOT NULL,
-    attempts  INTEGER NOT NULL,
-    failures  INTEGER NOT NULL,
+    model          TEXT NOT NULL,
+    provider       TEXT NOT NULL,
+    day            INTEGER NOT NULL,
+    attempts       INTEGER NOT NULL,
+    failures       INTEGER NOT NULL,
+    requests       INTEGER NOT NULL,
+    successes      INTEGER NOT NULL,
+    errors         INTEGER NOT NULL,
+    ranked_requests INTEGER NOT NULL,
+    ranked_tokens  INTEGER NOT NULL,
+    gen_tokens     INTEGER NOT NULL,
+    gen_ms         INTEGER NOT NULL,
     PRIMARY KEY (model, provider, day)
 ) STRICT;
+
+CREATE INDEX route_daily_day ON route_daily (day);
 
 INSERT INTO usage_daily
 SELECT COALESCE(org_id, ''), local_day, COALESCE(key_id, ''), model, COALESCE(provider, ''),
@@ -61,5 +71,18 @@ SELECT COALESCE(org_id, ''), local_day, COALESCE(key_id, ''), model, COALESCE(pr
 FROM generations
 GROUP BY COALESCE(org_id, ''), local_day, COALESCE(key_id, ''), model, COALESCE(provider, '');
 
+INSERT INTO route_daily
+SELECT model, COALESCE(provider, ''), created_at_ms / 86400000, 0, 0,
+       COUNT(*),
+       SUM(CASE WHEN status = 'success' THEN 1 ELSE 0 END),
+       SUM(CASE WHEN status IN ('error', 'error_midstream') THEN 1 ELSE 0 END),
+       SUM(CASE WHEN byok THEN 0 ELSE 1 END),
+       SUM(CASE WHEN byok THEN 0 ELSE prompt_tokens + completion_tokens END),
+       0, 0
+FROM generations
+GROUP BY model, COALESCE(provider, ''), created_at_ms / 86400000;
+
 -- Events, newest first with a keyset on (created_at_ms, id).
 CREATE INDEX generations_org_created_id ON generations (org_id, created_at_ms, id);
+-- Its prefix: no longer needed (one index less to write per record).
+DROP INDEX generations_org_created;

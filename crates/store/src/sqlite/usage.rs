@@ -8,10 +8,9 @@ use sqlx::{Sqlite, Transaction};
 use super::SqliteStore;
 use crate::sql::GENERATION_COLUMNS;
 use crate::usage::{
-    events_sql, merge_attempts, rollup_deltas, routes_upsert_binds, routes_upsert_sql, usage_rows_sql,
+    events_sql, rollup_deltas, routes_upsert_binds, routes_upsert_sql, usage_rows_sql,
     usage_upsert_binds, usage_upsert_sql, Bind, EventsPage, ModelTokens, RouteStats, UsageQuery, UsageRepo, UsageRow,
-    EVENT_CURSOR_SQL, MODEL_TOKENS_SQL, ROLLUP_ROWS_PER_UPSERT, ROUTE_ATTEMPTS_SQL, ROUTE_LATENCIES_SQL,
-    ROUTE_RECORDS_SQL,
+    EVENT_CURSOR_SQL, MODEL_TOKENS_SQL, ROLLUP_ROWS_PER_UPSERT, ROUTE_LATENCIES_SQL, ROUTE_STATS_SQL,
 };
 use crate::{BoxFuture, GenerationRecord, StoreError};
 
@@ -93,17 +92,8 @@ impl UsageRepo for SqliteStore {
         Box::pin(async move { Ok(sqlx::query_as(MODEL_TOKENS_SQL).bind(since_day).fetch_all(&self.pool).await?) })
     }
 
-    fn route_stats<'a>(&'a self, model: &'a str, since_ms: i64) -> BoxFuture<'a, Result<Vec<RouteStats>, StoreError>> {
-        Box::pin(async move {
-            let stats: Vec<RouteStats> =
-                sqlx::query_as(ROUTE_RECORDS_SQL).bind(model).bind(since_ms).fetch_all(&self.pool).await?;
-            let attempts: Vec<(String, i64, i64)> = sqlx::query_as(ROUTE_ATTEMPTS_SQL)
-                .bind(model)
-                .bind(since_ms.div_euclid(86_400_000))
-                .fetch_all(&self.pool)
-                .await?;
-            Ok(merge_attempts(stats, attempts))
-        })
+    fn route_stats<'a>(&'a self, model: &'a str, since_day: i64) -> BoxFuture<'a, Result<Vec<RouteStats>, StoreError>> {
+        Box::pin(async move { Ok(sqlx::query_as(ROUTE_STATS_SQL).bind(model).bind(since_day).fetch_all(&self.pool).await?) })
     }
 
     fn route_latencies<'a>(
