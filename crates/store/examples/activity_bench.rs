@@ -159,7 +159,8 @@ async fn raw_aggregate(dir: &std::path::Path, now: i64) {
     let sql = "SELECT local_day, model, key_id, provider, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_nanos) \
                FROM generations WHERE org_id = ? AND created_at_ms >= ? GROUP BY local_day, model, key_id, provider";
     let started = Instant::now();
-    let rows: Vec<(i64, String, String, String, i64, i64, i64, i64)> =
+    type RawRow = (i64, String, String, String, i64, i64, i64, i64);
+    let rows: Vec<RawRow> =
         sqlx::query_as(sql).bind("org-0").bind(since).fetch_all(&mut conn).await.unwrap();
     println!("without the rollup, one 30-day aggregate of the biggest organisation over the raw log: {:.0} ms", started.elapsed().as_secs_f64() * 1000.0);
     assert!(!rows.is_empty());

@@ -322,7 +322,7 @@ fn add_record(row: &mut UsageRow, r: &GenerationRecord) {
 
 /// The upsert that adds usage deltas (`?` placeholders for `rows` rows of 15 values).
 pub(crate) fn usage_upsert_sql(rows: usize) -> String {
-    let one = format!("({})", vec!["?"; 15].join(", "));
+    let one = format!("({})", ["?"; 15].join(", "));
     let values = vec![one; rows].join(", ");
     let add = |c: &str| format!("{c} = usage_daily.{c} + excluded.{c}");
     let sets: Vec<String> = [
@@ -363,7 +363,7 @@ pub(crate) fn usage_upsert_binds(rows: &[UsageRow]) -> Vec<Bind> {
 
 /// The upsert that adds route deltas (`rows` rows of 12 values).
 pub(crate) fn routes_upsert_sql(rows: usize) -> String {
-    let one = format!("({})", vec!["?"; 12].join(", "));
+    let one = format!("({})", ["?"; 12].join(", "));
     let values = vec![one; rows].join(", ");
     let sets: Vec<String> = ROUTE_COUNTS.iter().map(|c| format!("{c} = route_daily.{c} + excluded.{c}")).collect();
     format!(
