@@ -31,7 +31,8 @@ pub struct GenerationRecord {
     pub latency_ms: i64,
     pub ttft_ms: Option<i64>,
     pub finish_reason: Option<String>,
-    /// JSON array of `{provider, model, outcome, status, latency_ms}`.
+    /// JSON array of `{provider, model, outcome, status, latency_ms, started_ms}` (`started_ms`:
+    /// when the attempt began, after the request arrived).
     pub attempts: String,
     pub error: Option<String>,
     pub user_agent: Option<String>,
