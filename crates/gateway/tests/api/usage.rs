@@ -207,6 +207,11 @@ async fn organisations_never_see_each_others_usage() {
 
     let activity = activity_with(&app, &management, 2).await;
     assert_eq!(activity["currency"], "INR");
+    // An INR organisation reckons days in IST (+05:30), whatever the server's zone.
+    let ist_today = (time::OffsetDateTime::now_utc() + time::Duration::minutes(330)).date().to_string();
+    assert_eq!((activity["to"].as_str(), activity["timezone"].as_str()), (Some(ist_today.as_str()), Some("+05:30")));
+    let today = activity["days"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!((today["date"].as_str(), today["requests"].as_i64()), (Some(ist_today.as_str()), Some(2)));
     assert_eq!(number(&activity["totals"]["cost"]), sum_cost(&[&theirs_made[0], &theirs_made[1]]));
     assert!(number(&activity["totals"]["cost"]) > Decimal::ZERO);
     assert_eq!(activity["keys"], json!([key_hash]));
