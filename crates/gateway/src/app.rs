@@ -16,7 +16,7 @@ use crate::admission::Admission;
 use crate::auth::MasterKey;
 use crate::budget::SpendTracker;
 use crate::config::Config;
-use crate::http::{router, AppState, ModelPages};
+use crate::http::{router, AppState, ModelPages, UsageState};
 use crate::ledger::Ledger;
 use crate::limits::{LimitDefaults, Limiter};
 use crate::registry::Registry;
@@ -107,6 +107,7 @@ impl App {
         };
         let state = AppState {
             model_pages: Arc::new(ModelPages::render(&registry)),
+            usage: Arc::new(UsageState::new(store.clone())),
             registry,
             admission: Arc::new(admission),
             log,

@@ -1,9 +1,9 @@
 //! Marga's persistence: repository traits per aggregate and their SQL implementations.
 //!
 //! Architecture invariant: this is the only crate that contains SQL. The gateway sees
-//! repository traits ([`SettingsRepo`], [`GenerationRepo`], [`ChainRepo`], [`AccountRepo`],
-//! [`LedgerRepo`], [`MemberRepo`], [`RateRepo`], all of them together as [`Repos`]) and plain
-//! record structs; which database
+//! repository traits ([`SettingsRepo`], [`GenerationRepo`], [`UsageRepo`], [`ChainRepo`],
+//! [`AccountRepo`], [`LedgerRepo`], [`MemberRepo`], [`RateRepo`], all of them together as
+//! [`Repos`]) and plain record structs; which database
 //! sits behind them is decided once, at start, by [`open`]: SQLite ([`SqliteStore`], embedded,
 //! the default) or Postgres ([`PgStore`], for several instances sharing one database).
 
@@ -15,6 +15,7 @@ mod rates;
 mod record;
 mod sql;
 mod sqlite;
+mod usage;
 
 use std::future::Future;
 use std::path::Path;
@@ -31,6 +32,7 @@ pub use members::{GuardrailMemberRecord, MemberChange, MemberRepo, MAX_MEMBERS};
 pub use rates::{RateClaim, RateGrant, RateRepo};
 pub use record::{ChainRecord, GenerationRecord};
 pub use sqlite::SqliteStore;
+pub use usage::{EventsPage, ModelTokens, RouteStats, UsageGroup, UsageQuery, UsageRepo, UsageRow};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -76,13 +78,24 @@ pub trait ChainRepo: Send + Sync {
 /// Every repository, as one object: what [`open`] returns. `Arc<dyn Repos>` coerces to
 /// `Arc<dyn SettingsRepo>`, `Arc<dyn LedgerRepo>`, … (trait upcasting, Rust 1.86+).
 pub trait Repos:
-    SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + MemberRepo + RateRepo + Send + Sync
+    SettingsRepo
+    + GenerationRepo
+    + UsageRepo
+    + ChainRepo
+    + AccountRepo
+    + LedgerRepo
+    + HealthRepo
+    + MemberRepo
+    + RateRepo
+    + Send
+    + Sync
 {
 }
 
 impl<T> Repos for T where
     T: SettingsRepo
         + GenerationRepo
+        + UsageRepo
         + ChainRepo
         + AccountRepo
         + LedgerRepo

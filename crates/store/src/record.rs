@@ -33,12 +33,24 @@ pub struct GenerationRecord {
     pub latency_ms: i64,
     pub ttft_ms: Option<i64>,
     pub finish_reason: Option<String>,
-    /// JSON array of `{provider, model, outcome, status, latency_ms}`.
+    /// JSON array of `{provider, model, outcome, status, latency_ms, started_ms}` (`started_ms`:
+    /// when the attempt began, after the request arrived).
     pub attempts: String,
     pub error: Option<String>,
     pub user_agent: Option<String>,
     pub referer: Option<String>,
     pub end_user: Option<String>,
+    /// `cost` in nanos (what the ledger was charged), summed exactly by the usage queries.
+    pub cost_nanos: i64,
+    /// From the start of the attempt that served to the end of the answer.
+    pub generation_time_ms: Option<i64>,
+    /// The client went away before the answer ended (`status` is `cancelled`).
+    pub cancelled: bool,
+    /// The request brought its own upstream key.
+    pub byok: bool,
+    /// The organisation's local day of the request: days since 1970-01-01 in its time zone
+    /// (as it was when the request was made).
+    pub local_day: i64,
 }
 
 /// A saved fallback chain.

@@ -8,7 +8,8 @@ use crate::Charge;
 
 pub(crate) const GENERATION_COLUMNS: &str = "id, created_at_ms, org_id, key_id, endpoint, model, provider, upstream_model, \
     streamed, status, http_status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, \
-    usage_estimated, cost, currency, latency_ms, ttft_ms, finish_reason, attempts, error, user_agent, referer, end_user";
+    usage_estimated, cost, currency, latency_ms, ttft_ms, finish_reason, attempts, error, user_agent, referer, end_user, \
+    cost_nanos, generation_time_ms, cancelled, byok, local_day";
 
 pub(crate) const ORG_COLUMNS: &str = "id, name, currency, timezone, created_at_ms";
 

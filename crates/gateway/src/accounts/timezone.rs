@@ -32,8 +32,28 @@ impl UtcOffset {
         (h <= 14 && m < 60).then_some(UtcOffset { minutes: sign * (h * 60 + m) })
     }
 
+    /// `UTC`, or the offset as `+05:30` / `-04:00`.
+    pub fn label(self) -> String {
+        if self.minutes == 0 {
+            return "UTC".to_owned();
+        }
+        let sign = if self.minutes < 0 { '-' } else { '+' };
+        let m = self.minutes.abs();
+        format!("{sign}{:02}:{:02}", m / 60, m % 60)
+    }
+
     fn offset_ms(self) -> i64 {
         i64::from(self.minutes) * 60_000
+    }
+
+    /// The local day containing `ms`, as days since 1970-01-01 (in this zone).
+    pub fn day_number(self, ms: i64) -> i64 {
+        (ms + self.offset_ms()).div_euclid(DAY_MS)
+    }
+
+    /// The start (unix ms) of local day `day` (see [`UtcOffset::day_number`]).
+    pub fn start_of_day(self, day: i64) -> i64 {
+        day.saturating_mul(DAY_MS) - self.offset_ms()
     }
 
     /// The start (unix ms) of the local day containing `now_ms`.
@@ -96,6 +116,11 @@ mod tests {
         assert_eq!(UtcOffset::UTC.week_start(T), 1_794_787_200_000); // Monday 2026-11-16
         assert_eq!(UtcOffset::UTC.month_start(T), 1_793_491_200_000); // 2026-11-01T00:00Z
         assert_eq!(UtcOffset::parse("+05:30"), Some(UtcOffset::IST));
+        assert_eq!(UtcOffset::IST.label(), "+05:30");
+        assert_eq!(UtcOffset::parse("-04:00").map(UtcOffset::label).as_deref(), Some("-04:00"));
         assert_eq!(UtcOffset::parse("Mars/Olympus"), None);
+        let day = UtcOffset::IST.day_number(T);
+        assert_eq!(UtcOffset::IST.start_of_day(day), UtcOffset::IST.day_start(T));
+        assert_eq!(UtcOffset::UTC.day_number(T) + 1, day, "already the next day in IST");
     }
 }

@@ -119,6 +119,7 @@ pub(super) async fn begin_request(
     let billing = reserve(state, &principal, &admitted, prompt_bytes, output_cap).await?;
     let client = client_info(headers, end_user);
     let mut ctx = RequestCtx::new(principal, endpoint, admitted.model, stream, client);
+    ctx.byok = ext.upstream_key.is_some();
     ctx.billing = Some(billing);
     ctx.quota = quota;
     Ok((ctx, admitted.plan))

@@ -15,6 +15,9 @@ mod money_json;
 mod ops;
 mod respond;
 mod routing;
+mod stats;
+mod usage;
+mod usage_report;
 mod workspaces;
 
 use std::sync::Arc;
@@ -32,6 +35,7 @@ use crate::request_log::RequestLog;
 use crate::routing::Routing;
 
 pub use models::ModelPages;
+pub use usage::UsageState;
 
 /// What handlers share. Every field is an `Arc` or a cheap handle.
 #[derive(Clone)]
@@ -41,6 +45,8 @@ pub struct AppState {
     pub log: RequestLog,
     pub routing: Arc<Routing>,
     pub model_pages: Arc<ModelPages>,
+    /// Usage analytics: the store's queries and the public statistics cache.
+    pub usage: Arc<UsageState>,
     pub prometheus: Option<PrometheusHandle>,
     pub max_body: usize,
 }
@@ -58,6 +64,9 @@ fn api_routes() -> Router<AppState> {
         .route("/keys/{hash}", get(keys::get).patch(keys::update).delete(keys::delete))
         .route("/key", get(keys::current))
         .route("/credits", get(keys::credits))
+        .route("/generation", get(usage::generation))
+        .route("/activity", get(usage::openrouter_activity))
+        .route("/rankings", get(stats::rankings))
         .route("/guardrails", get(guardrails::list).post(guardrails::create))
         .route("/guardrails/{id}", get(guardrails::get).patch(guardrails::update).delete(guardrails::delete))
         .route("/guardrails/assignments/keys", get(assignments::all_key_assignments))
@@ -91,6 +100,10 @@ fn management_routes() -> Router<AppState> {
         .route("/me/members", get(members::list).post(members::add))
         .route("/me/members/{id}", axum::routing::patch(members::update).delete(members::remove))
         .route("/me/workspaces", get(workspaces::list).post(workspaces::create))
+        .route("/me/usage", get(usage::me_usage))
+        .route("/me/usage/daily", get(usage::me_usage_daily))
+        .route("/me/activity", get(usage::me_activity))
+        .route("/me/activity/events", get(usage::me_events))
         .route("/me/workspaces/{id}", axum::routing::patch(workspaces::update).delete(workspaces::delete))
 }
 

@@ -1,4 +1,4 @@
-//! `GET /v1/models` and `GET /v1/models/{id}`: the catalog as one superset object per model,
+//! `GET /v1/models` and `GET /v1/models/{id}` (and the `/stats` suffix, see `stats`): the catalog as one superset object per model,
 //! OpenRouter's fields (`pricing` in USD per token, as strings) beside BharatRouter's
 //! (`routes` with INR per million tokens, regions). Rendered once at start: the catalog does
 //! not change while the gateway runs.
@@ -50,9 +50,16 @@ pub async fn list(State(state): State<AppState>) -> Response {
     json_bytes(state.model_pages.list.clone())
 }
 
+/// `GET /models/{id}`, and `GET /models/{id}/stats` (ids contain slashes, so one wildcard
+/// route serves both; an id that is itself a model wins over the `/stats` suffix).
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let body = state.model_pages.one.get(&id).cloned().ok_or(ApiError::ModelNotFound { model: id })?;
-    Ok(json_bytes(body))
+    if let Some(body) = state.model_pages.one.get(&id) {
+        return Ok(json_bytes(body.clone()));
+    }
+    if let Some(model) = id.strip_suffix("/stats") {
+        return super::stats::model(&state, model).await;
+    }
+    Err(ApiError::ModelNotFound { model: id })
 }
 
 /// Per-token USD price as OpenRouter writes it: a decimal string.

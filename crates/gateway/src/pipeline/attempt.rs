@@ -92,5 +92,6 @@ fn note_attempt<T>(ctx: &mut RequestCtx, candidate: &Candidate, result: &Result<
         outcome,
         status,
         latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        started_ms: u64::try_from(started.saturating_duration_since(ctx.started).as_millis()).unwrap_or(u64::MAX),
     });
 }

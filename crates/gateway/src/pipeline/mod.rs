@@ -18,7 +18,7 @@ use crate::accounts::Principal;
 use crate::admission::Billing;
 use crate::error::ApiError;
 use crate::limits::Quota;
-use crate::money::{Money, TokenCounts};
+use crate::money::{decimal_to_nanos_ceil, Money, TokenCounts};
 use crate::registry::{Model, Route};
 
 pub use plan::Candidate;
@@ -60,6 +60,8 @@ pub struct AttemptRecord {
     pub outcome: &'static str,
     pub status: Option<u16>,
     pub latency_ms: u64,
+    /// When the attempt began, in ms after the request arrived.
+    pub started_ms: u64,
 }
 
 /// Everything one request carries through the pipeline.
@@ -68,12 +70,16 @@ pub struct RequestCtx {
     pub id: String,
     pub started: Instant,
     pub created: u64,
+    /// Unix ms when the request arrived (the record's `created_at_ms`).
+    pub created_ms: i64,
     pub principal: Principal,
     pub endpoint: Endpoint,
     /// The model the client asked for.
     pub model: Arc<Model>,
     pub streamed: bool,
     pub client: ClientInfo,
+    /// The request brought its own upstream key (`upstream_key`).
+    pub byok: bool,
     pub attempts: Vec<AttemptRecord>,
     /// What the request reserved; taken at settlement.
     pub billing: Option<Billing>,
@@ -87,11 +93,13 @@ impl RequestCtx {
             id: format!("gen-{}", uuid::Uuid::now_v7().simple()),
             started: Instant::now(),
             created: unix_now(),
+            created_ms: unix_now_ms(),
             principal,
             endpoint,
             model,
             streamed,
             client,
+            byok: false,
             attempts: Vec::new(),
             billing: None,
             quota: Quota::default(),
@@ -147,6 +155,14 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// From the start of the attempt that served to now (`latency_ms` after arrival); `None` when
+/// no attempt succeeded.
+fn generation_time_ms(ctx: &RequestCtx, outcome: &Outcome<'_>, latency_ms: u64) -> Option<i64> {
+    outcome.route?;
+    let served = ctx.attempts.iter().rev().find(|a| a.outcome == "success")?;
+    Some(to_i64(latency_ms.saturating_sub(served.started_ms)))
+}
+
 /// The request log's record of a finished request; also updates the metrics.
 pub fn record(ctx: &RequestCtx, outcome: &Outcome<'_>) -> GenerationRecord {
     let usage = outcome.usage.cloned().unwrap_or_default();
@@ -155,7 +171,7 @@ pub fn record(ctx: &RequestCtx, outcome: &Outcome<'_>) -> GenerationRecord {
     observe(ctx, outcome, &usage, latency_ms);
     GenerationRecord {
         id: ctx.id.clone(),
-        created_at_ms: i64::try_from(ctx.created).unwrap_or(0) * 1000,
+        created_at_ms: ctx.created_ms,
         org_id: Some(ctx.principal.org.id.clone()),
         key_id: Some(ctx.principal.key.id.clone()),
         endpoint: ctx.endpoint.as_str().to_owned(),
@@ -180,6 +196,11 @@ pub fn record(ctx: &RequestCtx, outcome: &Outcome<'_>) -> GenerationRecord {
         user_agent: ctx.client.user_agent.clone(),
         referer: ctx.client.referer.clone(),
         end_user: ctx.client.end_user.clone(),
+        cost_nanos: cost.map_or(0, |c| decimal_to_nanos_ceil(c.amount)),
+        generation_time_ms: generation_time_ms(ctx, outcome, latency_ms),
+        cancelled: outcome.status == "cancelled",
+        byok: ctx.byok,
+        local_day: ctx.principal.org.timezone.day_number(ctx.created_ms),
     }
 }
 

@@ -22,3 +22,4 @@ mod residency;
 mod routing;
 mod scale_out;
 mod streaming;
+mod usage;

@@ -1,4 +1,6 @@
-//! Postgres: the request log and saved fallback chains.
+//! Postgres: the request log (and its rollups, in the same transaction) and saved fallback chains.
+
+use std::collections::HashSet;
 
 use sqlx::{Postgres, QueryBuilder};
 
@@ -6,7 +8,7 @@ use super::PgStore;
 use crate::sql::GENERATION_COLUMNS;
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
-/// Rows per INSERT statement (Postgres allows 65535 bound parameters; 26 columns per row).
+/// Rows per INSERT statement (Postgres allows 65535 bound parameters; 31 columns per row).
 const ROWS_PER_INSERT: usize = 500;
 
 fn push_generation_values(builder: &mut QueryBuilder<'_, Postgres>, records: &[GenerationRecord]) {
@@ -36,7 +38,12 @@ fn push_generation_values(builder: &mut QueryBuilder<'_, Postgres>, records: &[G
             .push_bind(r.error.clone())
             .push_bind(r.user_agent.clone())
             .push_bind(r.referer.clone())
-            .push_bind(r.end_user.clone());
+            .push_bind(r.end_user.clone())
+            .push_bind(r.cost_nanos)
+            .push_bind(r.generation_time_ms)
+            .push_bind(r.cancelled)
+            .push_bind(r.byok)
+            .push_bind(r.local_day);
     });
 }
 
@@ -47,13 +54,16 @@ impl GenerationRepo for PgStore {
                 return Ok(());
             }
             let mut tx = self.pool.begin().await?;
+            let mut inserted = HashSet::with_capacity(records.len());
             for batch in records.chunks(ROWS_PER_INSERT) {
                 let mut builder =
                     QueryBuilder::<Postgres>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
                 push_generation_values(&mut builder, batch);
-                builder.push(" ON CONFLICT (id) DO NOTHING");
-                builder.build().persistent(false).execute(&mut *tx).await?;
+                builder.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+                let ids: Vec<(String,)> = builder.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
+                inserted.extend(ids.into_iter().map(|(id,)| id));
             }
+            super::usage::add_to_rollups(&mut tx, records, &inserted).await?;
             tx.commit().await?;
             Ok(())
         })

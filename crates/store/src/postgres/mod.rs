@@ -10,6 +10,7 @@ mod health;
 mod ledger;
 mod members;
 mod rates;
+mod usage;
 
 use std::time::Duration;
 

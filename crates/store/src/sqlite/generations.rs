@@ -1,4 +1,6 @@
-//! SQLite: the request log and saved fallback chains.
+//! SQLite: the request log (and its rollups, in the same transaction) and saved fallback chains.
+
+use std::collections::HashSet;
 
 use sqlx::{QueryBuilder, Sqlite};
 
@@ -6,7 +8,7 @@ use super::SqliteStore;
 use crate::sql::GENERATION_COLUMNS;
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
-/// Rows per INSERT statement (SQLite allows 32766 bound parameters; 26 columns per row).
+/// Rows per INSERT statement (SQLite allows 32766 bound parameters; 31 columns per row).
 const ROWS_PER_INSERT: usize = 500;
 
 fn push_generation_values(builder: &mut QueryBuilder<'_, Sqlite>, records: &[GenerationRecord]) {
@@ -36,7 +38,12 @@ fn push_generation_values(builder: &mut QueryBuilder<'_, Sqlite>, records: &[Gen
             .push_bind(r.error.clone())
             .push_bind(r.user_agent.clone())
             .push_bind(r.referer.clone())
-            .push_bind(r.end_user.clone());
+            .push_bind(r.end_user.clone())
+            .push_bind(r.cost_nanos)
+            .push_bind(r.generation_time_ms)
+            .push_bind(r.cancelled)
+            .push_bind(r.byok)
+            .push_bind(r.local_day);
     });
 }
 
@@ -47,13 +54,16 @@ impl GenerationRepo for SqliteStore {
                 return Ok(());
             }
             let mut tx = self.begin_write().await?;
+            let mut inserted = HashSet::with_capacity(records.len());
             for batch in records.chunks(ROWS_PER_INSERT) {
                 let mut builder =
                     QueryBuilder::<Sqlite>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
                 push_generation_values(&mut builder, batch);
-                builder.push(" ON CONFLICT (id) DO NOTHING");
-                builder.build().persistent(false).execute(&mut *tx).await?;
+                builder.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+                let ids: Vec<(String,)> = builder.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
+                inserted.extend(ids.into_iter().map(|(id,)| id));
             }
+            super::usage::add_to_rollups(&mut tx, records, &inserted).await?;
             tx.commit().await?;
             Ok(())
         })

@@ -11,6 +11,7 @@ mod health;
 mod ledger;
 mod members;
 mod rates;
+mod usage;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -1,0 +1,114 @@
+//! SQLite: usage analytics queries and the rollup upserts (SQL shared in `crate::usage`).
+
+use std::collections::HashSet;
+
+use sqlx::sqlite::SqliteArguments;
+use sqlx::{Sqlite, Transaction};
+
+use super::SqliteStore;
+use crate::sql::GENERATION_COLUMNS;
+use crate::usage::{
+    events_sql, rollup_deltas, routes_upsert_binds, routes_upsert_sql, usage_rows_sql,
+    usage_upsert_binds, usage_upsert_sql, Bind, EventsPage, ModelTokens, RouteStats, UsageQuery, UsageRepo, UsageRow,
+    EVENT_CURSOR_SQL, MODEL_TOKENS_SQL, ROLLUP_ROWS_PER_UPSERT, ROUTE_LATENCIES_SQL, ROUTE_STATS_SQL,
+};
+use crate::{BoxFuture, GenerationRecord, StoreError};
+
+fn arguments(binds: Vec<Bind>) -> SqliteArguments<'static> {
+    use sqlx::Arguments;
+    let mut args = SqliteArguments::default();
+    for b in binds {
+        // Adding a String or an i64 cannot fail (the error is for encoders that can).
+        let _ = match b {
+            Bind::Text(s) => args.add(s),
+            Bind::Int(i) => args.add(i),
+        };
+    }
+    args
+}
+
+/// Adds to the rollups what the records named in `inserted` count (same transaction).
+pub(super) async fn add_to_rollups(
+    tx: &mut Transaction<'static, Sqlite>,
+    records: &[GenerationRecord],
+    inserted: &HashSet<String>,
+) -> Result<(), StoreError> {
+    let deltas = rollup_deltas(records, inserted);
+    for rows in deltas.usage.chunks(ROLLUP_ROWS_PER_UPSERT) {
+        let sql = usage_upsert_sql(rows.len());
+        sqlx::query_with(&sql, arguments(usage_upsert_binds(rows))).persistent(false).execute(&mut **tx).await?;
+    }
+    for rows in deltas.routes.chunks(ROLLUP_ROWS_PER_UPSERT) {
+        let sql = routes_upsert_sql(rows.len());
+        sqlx::query_with(&sql, arguments(routes_upsert_binds(rows))).persistent(false).execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+impl UsageRepo for SqliteStore {
+    fn org_generation<'a>(&'a self, org_id: &'a str, id: &'a str) -> BoxFuture<'a, Result<Option<GenerationRecord>, StoreError>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {GENERATION_COLUMNS} FROM generations WHERE id = ? AND org_id = ?");
+            Ok(sqlx::query_as(&sql).bind(id).bind(org_id).fetch_optional(&self.pool).await?)
+        })
+    }
+
+    fn generation_events<'a>(
+        &'a self,
+        org_id: &'a str,
+        before: Option<&'a str>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Option<EventsPage>, StoreError>> {
+        Box::pin(async move {
+            let Some(before) = before else {
+                let sql = events_sql(GENERATION_COLUMNS, false);
+                let rows = sqlx::query_as(&sql).bind(org_id).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+                return Ok(Some(rows));
+            };
+            let cursor: Option<(i64,)> =
+                sqlx::query_as(EVENT_CURSOR_SQL).bind(org_id).bind(before).fetch_optional(&self.pool).await?;
+            let Some((at,)) = cursor else { return Ok(None) };
+            let sql = events_sql(GENERATION_COLUMNS, true);
+            let rows = sqlx::query_as(&sql)
+                .bind(org_id)
+                .bind(at)
+                .bind(at)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(Some(rows))
+        })
+    }
+
+    fn usage_rows<'a>(&'a self, query: &'a UsageQuery<'a>) -> BoxFuture<'a, Result<Vec<UsageRow>, StoreError>> {
+        Box::pin(async move {
+            let (sql, binds) = usage_rows_sql(query);
+            Ok(sqlx::query_as_with(&sql, arguments(binds)).fetch_all(&self.pool).await?)
+        })
+    }
+
+    fn model_tokens(&self, since_day: i64) -> BoxFuture<'_, Result<Vec<ModelTokens>, StoreError>> {
+        Box::pin(async move { Ok(sqlx::query_as(MODEL_TOKENS_SQL).bind(since_day).fetch_all(&self.pool).await?) })
+    }
+
+    fn route_stats<'a>(&'a self, model: &'a str, since_day: i64) -> BoxFuture<'a, Result<Vec<RouteStats>, StoreError>> {
+        Box::pin(async move { Ok(sqlx::query_as(ROUTE_STATS_SQL).bind(model).bind(since_day).fetch_all(&self.pool).await?) })
+    }
+
+    fn route_latencies<'a>(
+        &'a self,
+        model: &'a str,
+        since_ms: i64,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<(String, i64)>, StoreError>> {
+        Box::pin(async move {
+            Ok(sqlx::query_as(ROUTE_LATENCIES_SQL)
+                .bind(model)
+                .bind(since_ms)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?)
+        })
+    }
+}
