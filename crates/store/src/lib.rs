@@ -2,11 +2,13 @@
 //!
 //! Architecture invariant: this is the only crate that contains SQL. The gateway sees
 //! repository traits ([`SettingsRepo`], [`GenerationRepo`], [`ChainRepo`], [`AccountRepo`],
-//! [`LedgerRepo`], all of them together as [`Repos`]) and plain record structs; which database
+//! [`LedgerRepo`], [`FileRepo`], [`BatchRepo`], all of them together as [`Repos`]) and plain record structs; which database
 //! sits behind them is decided once, at start, by [`open`]: SQLite ([`SqliteStore`], embedded,
 //! the default) or Postgres ([`PgStore`], for several instances sharing one database).
 
 mod accounts;
+mod batch;
+mod batch_sql;
 mod health;
 mod postgres;
 mod record;
@@ -22,6 +24,7 @@ pub use accounts::{
     AccountRepo, Charge, GuardrailRecord, KeyRecord, LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord,
     WorkspaceRecord,
 };
+pub use batch::{BatchRecord, BatchRepo, ClaimedItem, FileRecord, FileRepo, ItemResult, NewItem, BATCH_TIME_COLUMNS};
 pub use postgres::PgStore;
 pub use health::{HealthRepo, RouteHealthRecord};
 pub use record::{ChainRecord, GenerationRecord};
@@ -70,10 +73,23 @@ pub trait ChainRepo: Send + Sync {
 
 /// Every repository, as one object: what [`open`] returns. `Arc<dyn Repos>` coerces to
 /// `Arc<dyn SettingsRepo>`, `Arc<dyn LedgerRepo>`, … (trait upcasting, Rust 1.86+).
-pub trait Repos: SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + Send + Sync {}
+pub trait Repos:
+    SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + FileRepo + BatchRepo + Send + Sync
+{
+}
 
 impl<T> Repos for T where
-    T: SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + Send + Sync + ?Sized
+    T: SettingsRepo
+        + GenerationRepo
+        + ChainRepo
+        + AccountRepo
+        + LedgerRepo
+        + HealthRepo
+        + FileRepo
+        + BatchRepo
+        + Send
+        + Sync
+        + ?Sized
 {
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marga_store::{
+    BatchRecord, FileRecord, NewItem,
     AccountRepo, ChainRecord, ChainRepo, Charge, GenerationRecord, GenerationRepo, GuardrailRecord, KeyRecord,
     LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord, Repos, SettingsRepo, StoreError, WorkspaceRecord,
 };
@@ -178,6 +179,9 @@ suite!(
     renew_lease_only_while_live,
     spend_since_per_org_and_per_key,
     repos_upcast_to_each_repository,
+    files_crud_paging_and_isolation,
+    batch_items_are_claimed_and_completed_exactly_once,
+    batch_status_cancel_and_finish,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1083,4 +1087,144 @@ async fn measure_open_lease_and_charge_latency() {
             eprintln!("{name:>8} {what:<12} p50 {:>9.3?} p99 {:>9.3?}", p(0.5), p(0.99));
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files and batches
+
+fn file(id: &str, org_id: &str, purpose: &str) -> FileRecord {
+    FileRecord {
+        id: id.to_owned(),
+        org_id: org_id.to_owned(),
+        purpose: purpose.to_owned(),
+        filename: format!("{id}.jsonl"),
+        bytes: 10,
+        lines: 2,
+        created_at_ms: now_ms(),
+    }
+}
+
+fn batch(id: &str, org_id: &str, total: i64) -> BatchRecord {
+    BatchRecord {
+        id: id.to_owned(),
+        org_id: org_id.to_owned(),
+        key_id: "key-1".to_owned(),
+        endpoint: "/v1/chat/completions".to_owned(),
+        input_file_id: "file-in".to_owned(),
+        completion_window: "24h".to_owned(),
+        metadata: Some(r#"{"k":"v"}"#.to_owned()),
+        status: "in_progress".to_owned(),
+        total,
+        created_at_ms: now_ms(),
+        in_progress_at_ms: Some(now_ms()),
+        expires_at_ms: now_ms() + 86_400_000,
+        ..BatchRecord::default()
+    }
+}
+
+fn items(n: usize) -> Vec<NewItem> {
+    (0..n).map(|i| NewItem { custom_id: format!("req-{i}"), body: format!(r#"{{"n":{i}}}"#) }).collect()
+}
+
+async fn files_crud_paging_and_isolation(ctx: &Ctx) {
+    let repos = ctx.repos.as_ref();
+    let a = file("file-a", "org-1", "batch");
+    for f in [&a, &file("file-b", "org-1", "batch"), &file("file-c", "org-1", "batch")] {
+        repos.create_file(f).await.unwrap();
+    }
+    repos.create_file(&file("file-d", "org-1", "batch_output")).await.unwrap();
+    repos.create_file(&file("file-x", "org-2", "batch")).await.unwrap();
+    assert_eq!(repos.get_file("org-1", "file-a").await.unwrap(), Some(a));
+    assert_eq!(repos.get_file("org-2", "file-a").await.unwrap(), None, "another org's file is invisible");
+    let ids = |files: Vec<FileRecord>| files.into_iter().map(|f| f.id).collect::<Vec<_>>();
+    assert_eq!(ids(repos.list_files("org-1", None, None, 10).await.unwrap()), ["file-d", "file-c", "file-b", "file-a"]);
+    assert_eq!(ids(repos.list_files("org-1", Some("batch"), None, 2).await.unwrap()), ["file-c", "file-b"]);
+    assert_eq!(ids(repos.list_files("org-1", Some("batch"), Some("file-b"), 10).await.unwrap()), ["file-a"]);
+    assert!(!repos.delete_file("org-2", "file-a").await.unwrap(), "another org cannot delete it");
+    assert!(repos.delete_file("org-1", "file-a").await.unwrap());
+    assert!(!repos.delete_file("org-1", "file-a").await.unwrap());
+    assert_eq!(repos.get_file("org-1", "file-a").await.unwrap(), None);
+}
+
+async fn batch_items_are_claimed_and_completed_exactly_once(ctx: &Ctx) {
+    let repos = ctx.repos.clone();
+    repos.create_batch(&batch("batch-1", "org-1", 40), &items(40)).await.unwrap();
+    let now = now_ms();
+    // Four workers claim concurrently: every item is claimed once.
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let repos = repos.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("w{w}");
+            let mut mine = Vec::new();
+            loop {
+                let got = repos.claim_items(&owner, now, now + 60_000, 3).await.unwrap();
+                if got.is_empty() {
+                    return (owner, mine);
+                }
+                mine.extend(got);
+            }
+        }));
+    }
+    let mut claimed = Vec::new();
+    for task in tasks {
+        let (owner, mine) = task.await.unwrap();
+        claimed.extend(mine.into_iter().map(|item| (owner.clone(), item)));
+    }
+    let mut idxs: Vec<i64> = claimed.iter().map(|(_, i)| i.idx).collect();
+    idxs.sort_unstable();
+    assert_eq!(idxs, (0..40).collect::<Vec<i64>>(), "each item claimed exactly once");
+    let (owner, first) = claimed.iter().find(|(_, i)| i.idx == 0).unwrap();
+    assert_eq!((first.custom_id.as_str(), first.body.as_str(), first.attempts), ("req-0", r#"{"n":0}"#, 1));
+    assert!(!repos.complete_item("batch-1", 0, "intruder", "{}", false).await.unwrap(), "not the owner");
+    assert!(repos.complete_item("batch-1", 0, owner, r#"{"ok":0}"#, false).await.unwrap());
+    assert!(!repos.complete_item("batch-1", 0, owner, r#"{"ok":0}"#, false).await.unwrap(), "done once");
+    // An expired lease is claimed again by another worker; the first owner can no longer finish.
+    let (owner1, item1) = claimed.iter().find(|(_, i)| i.idx == 1).unwrap();
+    let later = now + 120_000;
+    let again = repos.claim_items("w9", later, later + 60_000, 100).await.unwrap();
+    assert_eq!(again.len(), 39, "every unfinished item's lease has expired");
+    assert_eq!(again.iter().find(|i| i.idx == 1).unwrap().attempts, item1.attempts + 1);
+    assert!(!repos.complete_item("batch-1", 1, owner1, "{}", false).await.unwrap(), "lease lost");
+    assert!(repos.complete_item("batch-1", 1, "w9", r#"{"err":1}"#, true).await.unwrap());
+    repos.renew_items("w9", &[("batch-1".to_owned(), 2)], later + 600_000).await.unwrap();
+    let stolen = repos.claim_items("w10", later + 120_000, later + 180_000, 100).await.unwrap();
+    assert!(stolen.iter().all(|i| i.idx != 2), "a renewed lease is not claimable");
+    assert_eq!(stolen.len(), 37);
+    let b = repos.get_batch("org-1", "batch-1").await.unwrap().unwrap();
+    assert_eq!((b.completed, b.failed), (1, 1));
+    assert_eq!(repos.unfinished_items("batch-1").await.unwrap(), 38);
+    let results = repos.item_results("batch-1", -1, 10).await.unwrap();
+    assert_eq!(results.iter().map(|r| (r.idx, r.result.as_str(), r.is_error)).collect::<Vec<_>>(), [
+        (0, r#"{"ok":0}"#, false),
+        (1, r#"{"err":1}"#, true)
+    ]);
+    assert_eq!(repos.item_results("batch-1", 0, 10).await.unwrap().len(), 1, "paged after idx 0");
+}
+
+async fn batch_status_cancel_and_finish(ctx: &Ctx) {
+    let repos = ctx.repos.as_ref();
+    repos.create_batch(&batch("batch-2", "org-1", 3), &items(3)).await.unwrap();
+    repos.create_batch(&batch("batch-3", "org-2", 1), &items(1)).await.unwrap();
+    assert!(repos.get_batch("org-2", "batch-2").await.unwrap().is_none(), "isolated");
+    let ids = |v: Vec<BatchRecord>| v.into_iter().map(|b| b.id).collect::<Vec<_>>();
+    assert_eq!(ids(repos.list_batches("org-1", None, 10).await.unwrap()), ["batch-2"]);
+    assert_eq!(ids(repos.batches_in(&["in_progress"], 10).await.unwrap()), ["batch-2", "batch-3"]);
+    let now = now_ms();
+    let claimed = repos.claim_items("w1", now, now + 60_000, 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(repos.set_batch_status("batch-2", &["in_progress"], "cancelling", "cancelling_at_ms", now).await.unwrap());
+    assert!(!repos.set_batch_status("batch-2", &["in_progress"], "cancelling", "cancelling_at_ms", now).await.unwrap());
+    assert!(repos.claim_items("w2", now, now + 60_000, 10).await.unwrap().iter().all(|i| i.batch_id != "batch-2"));
+    assert_eq!(repos.cancel_pending_items("batch-2", now).await.unwrap(), 1, "one still running");
+    assert!(repos.complete_item("batch-2", claimed[0].idx, "w1", "{}", false).await.unwrap());
+    assert_eq!(repos.cancel_pending_items("batch-2", now).await.unwrap(), 0);
+    assert_eq!(repos.unfinished_items("batch-2").await.unwrap(), 0);
+    let out = file("file-out-2", "org-1", "batch_output");
+    assert!(repos.finish_batch("batch-2", "cancelled", Some(&out), None, now).await.unwrap());
+    assert!(!repos.finish_batch("batch-2", "cancelled", Some(&out), None, now).await.unwrap(), "finished once");
+    let b = repos.get_batch("org-1", "batch-2").await.unwrap().unwrap();
+    assert_eq!((b.status.as_str(), b.output_file_id.as_deref(), b.cancelled_at_ms), ("cancelled", Some("file-out-2"), Some(now)));
+    assert_eq!(b.metadata.as_deref(), Some(r#"{"k":"v"}"#));
+    assert_eq!(repos.get_file("org-1", "file-out-2").await.unwrap(), Some(out));
 }

@@ -1,0 +1,12 @@
+//! [`FileRepo`] and [`BatchRepo`] on SQLite. Items are claimed by one `UPDATE … RETURNING`:
+//! SQLite runs it under its single write lock, so two workers never claim one item.
+
+use super::SqliteStore;
+
+const CLAIM_SQL: &str = "UPDATE batch_items SET state = 'running', owner = ?, lease_until_ms = ?, attempts = attempts + 1 \
+     WHERE rowid IN (SELECT i.rowid FROM batch_items i JOIN batches b ON b.id = i.batch_id \
+         WHERE b.status = 'in_progress' AND (i.state = 'pending' OR (i.state = 'running' AND i.lease_until_ms < ?)) \
+         ORDER BY b.id, i.idx LIMIT ?) \
+     RETURNING batch_id, idx, custom_id, body, attempts";
+
+crate::batch_sql::batch_repos!(SqliteStore, sqlx::Sqlite, crate::batch_sql::plain, CLAIM_SQL);
