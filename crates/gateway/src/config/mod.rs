@@ -15,7 +15,7 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use thiserror::Error;
 
-pub use schema::{BillingSettings, LimitSettings, ModelConfig, ModelType, ProviderConfig, RouteConfig};
+pub use schema::{BatchSettings, BillingSettings, LimitSettings, ModelConfig, ModelType, ProviderConfig, RouteConfig};
 
 /// The catalog of real providers and models compiled into the binary.
 pub const BUNDLED_CATALOG: &str = include_str!("../../catalog/catalog.toml");
@@ -31,6 +31,7 @@ pub struct Config {
     pub server: schema::ServerSettings,
     pub billing: BillingSettings,
     pub limits: LimitSettings,
+    pub batch: schema::BatchSettings,
     pub routing: RoutingSettings,
     pub fx: crate::money::Fx,
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -134,6 +135,7 @@ impl Config {
             server: top.server,
             billing: top.billing,
             limits: top.limits,
+            batch: top.batch,
             routing,
             fx,
             providers,

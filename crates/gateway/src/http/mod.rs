@@ -2,10 +2,12 @@
 //! Every endpoint of `/v1` is also served under `/api/v1` (OpenRouter's base path).
 
 mod admin;
-mod admit;
-mod chat;
-mod embeddings;
+mod batches;
+pub(crate) mod admit;
+pub(crate) mod chat;
+pub(crate) mod embeddings;
 mod extract;
+mod files;
 mod guardrails;
 mod keys;
 mod models;
@@ -24,6 +26,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::admission::Admission;
+use crate::batch::Batches;
 use crate::error::ApiError;
 use crate::registry::Registry;
 use crate::request_log::RequestLog;
@@ -41,6 +44,7 @@ pub struct AppState {
     pub model_pages: Arc<ModelPages>,
     pub prometheus: Option<PrometheusHandle>,
     pub max_body: usize,
+    pub batches: Arc<Batches>,
 }
 
 fn api_routes() -> Router<AppState> {
@@ -48,6 +52,12 @@ fn api_routes() -> Router<AppState> {
         .route("/chat/completions", post(chat::chat_completions))
         .route("/completions", post(chat::completions))
         .route("/embeddings", post(embeddings::embeddings))
+        .route("/files", get(files::list).post(files::upload))
+        .route("/files/{id}", get(files::get).delete(files::delete))
+        .route("/files/{id}/content", get(files::content))
+        .route("/batches", get(batches::list).post(batches::create))
+        .route("/batches/{id}", get(batches::get))
+        .route("/batches/{id}/cancel", post(batches::cancel))
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::get))
         .route("/route/explain", post(routing::explain))

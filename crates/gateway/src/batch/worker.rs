@@ -1,0 +1,276 @@
+//! The durable batch worker, one per instance. It claims items from the store with a lease
+//! (owner = this process, a fresh id each start; expiry = now + `[batch] item_lease_s`),
+//! renews the leases of items it is running, and completes each item in one transaction that
+//! checks the claim is still its own. A worker that dies (`kill -9`) leaves its items
+//! claimed until their lease expires; then any worker (the restarted one, or another instance
+//! on the same Postgres) claims them again. An item is therefore done exactly once; its
+//! upstream call may be repeated after a crash, but its charge is keyed by the item
+//! (see [`super::exec`]), so it is charged once.
+//!
+//! Concurrency is bounded in all (`[batch] concurrency`) and per provider (the first route
+//! of each item's plan, `[batch] per_provider_concurrency`). Between claims the worker
+//! finalizes batches whose items are all done (output and error files) and winds down
+//! cancelled ones.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use marga_store::{BatchRecord, ClaimedItem, FileRecord};
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::exec::{self, generation_id, Item};
+use super::files::Writing;
+use super::shapes::result_line;
+use crate::error::ApiError;
+use crate::http::AppState;
+use crate::pipeline::plan::Plan;
+use crate::pipeline::unix_now_ms;
+
+/// Results read per page when writing output files.
+const PAGE: i64 = 1000;
+/// Most items claimed in one statement.
+const MAX_CLAIM: usize = 256;
+/// Batches the worker looks after per pass.
+const MAX_ACTIVE: i64 = 1000;
+
+/// One semaphore per provider, created on first use.
+pub struct ProviderSlots {
+    per_provider: usize,
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl ProviderSlots {
+    /// Waits for a slot of the plan's first provider.
+    pub async fn acquire(&self, plan: &Plan) -> Option<OwnedSemaphorePermit> {
+        let provider = plan.candidates.first()?.route.provider.id.clone();
+        let semaphore = {
+            let mut slots = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(slots.entry(provider).or_insert_with(|| Arc::new(Semaphore::new(self.per_provider.max(1)))))
+        };
+        semaphore.acquire_owned().await.ok()
+    }
+}
+
+pub struct Worker {
+    state: AppState,
+    owner: String,
+    lease: Duration,
+    slots: ProviderSlots,
+    total: Arc<Semaphore>,
+    /// Items this worker is running, whose leases it renews.
+    running: Mutex<HashSet<(String, i64)>>,
+    /// Active batches seen on the last pass.
+    batches: Mutex<HashMap<String, Arc<BatchRecord>>>,
+}
+
+impl Worker {
+    /// Starts the worker (and its lease renewer) until the returned tasks are aborted.
+    pub fn spawn(state: AppState) -> Vec<tokio::task::JoinHandle<()>> {
+        let settings = &state.batches.settings;
+        let worker = Arc::new(Worker {
+            owner: format!("worker-{}", uuid::Uuid::new_v4().simple()),
+            lease: Duration::from_secs(settings.item_lease_s.max(1)),
+            slots: ProviderSlots { per_provider: settings.per_provider_concurrency, slots: Mutex::default() },
+            total: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+            running: Mutex::default(),
+            batches: Mutex::default(),
+            state,
+        });
+        let renewer = Arc::clone(&worker);
+        vec![tokio::spawn(worker.run()), tokio::spawn(renewer.renew_loop())]
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn run(self: Arc<Self>) {
+        let poll = Duration::from_millis(self.state.batches.settings.poll_ms.max(10));
+        loop {
+            if let Err(e) = self.look_after_batches().await {
+                tracing::warn!(error = %e, "batch worker: could not look after batches");
+            }
+            let claimed = match self.claim().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "batch worker: could not claim items");
+                    0
+                }
+            };
+            if claimed == 0 {
+                let wake = self.state.batches.wake.notified();
+                let _ = tokio::time::timeout(poll, wake).await;
+            }
+        }
+    }
+
+    /// Claims as many items as there are free slots and starts them; returns how many.
+    async fn claim(self: &Arc<Self>) -> Result<usize, marga_store::StoreError> {
+        let free = self.total.available_permits().min(MAX_CLAIM);
+        if free == 0 {
+            // Wait for a running item to finish before looking again.
+            if let Ok(permit) = Arc::clone(&self.total).acquire_owned().await {
+                drop(permit);
+            }
+            return Ok(0);
+        }
+        let now = unix_now_ms();
+        let until = now + self.lease.as_millis() as i64;
+        let items = self.state.batches.store.claim_items(&self.owner, now, until, free as i64).await?;
+        let n = items.len();
+        for item in items {
+            let Ok(permit) = Arc::clone(&self.total).acquire_owned().await else { break };
+            Self::lock(&self.running).insert((item.batch_id.clone(), item.idx));
+            let worker = Arc::clone(self);
+            tokio::spawn(async move {
+                worker.process(item).await;
+                drop(permit);
+            });
+        }
+        Ok(n)
+    }
+
+    /// Runs one item and completes it (unless its lease was lost meanwhile).
+    async fn process(&self, item: ClaimedItem) {
+        let key = (item.batch_id.clone(), item.idx);
+        let line = match self.batch(&item.batch_id).await {
+            Some(batch) => self.execute(&batch, &item).await,
+            None => None,
+        };
+        if let Some((line, is_error)) = line {
+            let store = &self.state.batches.store;
+            match store.complete_item(&item.batch_id, item.idx, &self.owner, &line, is_error).await {
+                Ok(true) => {}
+                Ok(false) => tracing::info!(batch = %item.batch_id, idx = item.idx, "batch item was taken over; result dropped"),
+                Err(e) => tracing::warn!(error = %e, batch = %item.batch_id, "could not complete a batch item; it will run again"),
+            }
+        }
+        Self::lock(&self.running).remove(&key);
+        self.state.batches.wake.notify_waiters();
+    }
+
+    /// The item's output line and whether it is an error.
+    async fn execute(&self, batch: &BatchRecord, item: &ClaimedItem) -> Option<(String, bool)> {
+        let generation = generation_id(&batch.id, item.idx);
+        let principal = self.state.admission.accounts.principal_of(&batch.org_id, &batch.key_id);
+        let result = match principal {
+            Some(principal) => {
+                let run = Item { principal, endpoint: &batch.endpoint, body: &item.body, generation_id: generation.clone() };
+                exec::run(&self.state, &self.slots, run).await
+            }
+            None => Err(ApiError::InvalidApiKey),
+        };
+        let (status, body, is_error) = match result {
+            Ok(body) => (200, body, false),
+            // Unavailable (the ledger or store) is not the item's fault: leave it to run again.
+            Err(ApiError::Unavailable { message }) => {
+                tracing::warn!(batch = %batch.id, idx = item.idx, %message, "batch item deferred");
+                return None;
+            }
+            Err(e) => (e.status().as_u16(), serde_json::to_value(e.envelope()).unwrap_or(Value::Null), true),
+        };
+        Some((result_line(&batch.id, item.idx, &item.custom_id, status, &generation, &body), is_error))
+    }
+
+    /// The batch from the last pass, or looked up again (it may be newer than the pass).
+    async fn batch(&self, id: &str) -> Option<Arc<BatchRecord>> {
+        if let Some(b) = Self::lock(&self.batches).get(id) {
+            return Some(Arc::clone(b));
+        }
+        if let Err(e) = self.look_after_batches().await {
+            tracing::warn!(error = %e, "batch worker: could not read batches");
+        }
+        Self::lock(&self.batches).get(id).cloned()
+    }
+
+    /// Refreshes the active batches; finalizes those whose items are all done and winds down
+    /// cancelled ones.
+    async fn look_after_batches(&self) -> Result<(), marga_store::StoreError> {
+        let store = &self.state.batches.store;
+        let active = store.batches_in(&["in_progress", "finalizing", "cancelling"], MAX_ACTIVE).await?;
+        *Self::lock(&self.batches) = active.iter().map(|b| (b.id.clone(), Arc::new(b.clone()))).collect();
+        for batch in active {
+            let now = unix_now_ms();
+            match batch.status.as_str() {
+                "in_progress" if batch.completed + batch.failed >= batch.total && store.unfinished_items(&batch.id).await? == 0 => {
+                    if store.set_batch_status(&batch.id, &["in_progress"], "finalizing", "finalizing_at_ms", now).await? {
+                        self.finalize(&batch, "completed").await;
+                    }
+                }
+                "finalizing" => self.finalize(&batch, "completed").await,
+                "cancelling" if store.cancel_pending_items(&batch.id, now).await? == 0 => self.finalize(&batch, "cancelled").await,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the output and error files and ends the batch.
+    async fn finalize(&self, batch: &BatchRecord, status: &str) {
+        match self.write_outputs(batch).await {
+            Ok((output, errors)) => {
+                let store = &self.state.batches.store;
+                if let Err(e) = store.finish_batch(&batch.id, status, output.as_ref(), errors.as_ref(), unix_now_ms()).await {
+                    tracing::warn!(error = %e, batch = %batch.id, "could not finish a batch");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, batch = %batch.id, "could not write a batch's output files"),
+        }
+    }
+
+    /// The output and error files (each only when it has lines), in item order.
+    async fn write_outputs(&self, batch: &BatchRecord) -> Result<(Option<FileRecord>, Option<FileRecord>), ApiError> {
+        let batches = &self.state.batches;
+        let names = [format!("file-{}-output", batch.id), format!("file-{}-errors", batch.id)];
+        let mut writers = [
+            Writing::create(batches.path_of(&names[0])).await?,
+            Writing::create(batches.path_of(&names[1])).await?,
+        ];
+        let mut lines = [0i64; 2];
+        let mut after = -1;
+        loop {
+            let page = batches.store.item_results(&batch.id, after, PAGE).await.map_err(super::create::store_error)?;
+            let Some(last) = page.last() else { break };
+            after = last.idx;
+            for r in &page {
+                let which = usize::from(r.is_error);
+                writers[which].write(r.result.as_bytes()).await?;
+                writers[which].write(b"\n").await?;
+                lines[which] += 1;
+            }
+        }
+        let mut files = [None, None];
+        for (i, writer) in writers.into_iter().enumerate() {
+            let bytes = writer.commit().await?;
+            if lines[i] > 0 {
+                files[i] = Some(FileRecord {
+                    id: names[i].clone(),
+                    org_id: batch.org_id.clone(),
+                    purpose: "batch_output".to_owned(),
+                    filename: format!("{}_{}.jsonl", batch.id, if i == 0 { "output" } else { "errors" }),
+                    bytes: bytes as i64,
+                    lines: lines[i],
+                    created_at_ms: unix_now_ms(),
+                });
+            }
+        }
+        let [output, errors] = files;
+        Ok((output, errors))
+    }
+
+    /// Extends the leases of running items every third of the lease.
+    async fn renew_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let items: Vec<(String, i64)> = Self::lock(&self.running).iter().cloned().collect();
+            let until = unix_now_ms() + self.lease.as_millis() as i64;
+            if let Err(e) = self.state.batches.store.renew_items(&self.owner, &items, until).await {
+                tracing::warn!(error = %e, "batch worker: could not renew item leases");
+            }
+        }
+    }
+}
