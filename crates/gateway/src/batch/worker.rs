@@ -243,8 +243,12 @@ impl Worker {
         }
         let mut files = [None, None];
         for (i, writer) in writers.into_iter().enumerate() {
+            if lines[i] == 0 {
+                writer.abandon().await;
+                continue;
+            }
             let bytes = writer.commit().await?;
-            if lines[i] > 0 {
+            {
                 files[i] = Some(FileRecord {
                     id: names[i].clone(),
                     org_id: batch.org_id.clone(),
