@@ -51,9 +51,9 @@ async fn kill_9_on_postgres_loses_no_acknowledged_charge_and_strands_no_credit()
 }
 
 /// Where a gateway keeps its state: `dir/data` (SQLite) or a Postgres database.
-struct Data {
-    dir: tempfile::TempDir,
-    database: Option<TestDatabase>,
+pub(crate) struct Data {
+    pub dir: tempfile::TempDir,
+    pub database: Option<TestDatabase>,
 }
 
 impl Data {
@@ -70,13 +70,13 @@ impl Data {
     }
 
     /// The store, opened from the test (as another process would).
-    async fn store(&self) -> Arc<dyn Repos> {
+    pub(crate) async fn store(&self) -> Arc<dyn Repos> {
         marga_store::open(self.database.as_ref().map(|db| db.url.as_str()), &self.data_dir()).await.expect("open the store")
     }
 }
 
 /// A `marga serve` child process; killed (SIGKILL) when dropped.
-struct Gateway {
+pub(crate) struct Gateway {
     child: Child,
     base_url: String,
     log: PathBuf,
@@ -85,7 +85,7 @@ struct Gateway {
 impl Gateway {
     /// Starts the binary on a free port (picked by binding port 0; on a lost race for it, with
     /// another) and waits for `/health`.
-    async fn start(config: &Path, data: &Data, master_key: &str, name: &str) -> Gateway {
+    pub(crate) async fn start(config: &Path, data: &Data, master_key: &str, name: &str) -> Gateway {
         let client = reqwest::Client::new();
         for attempt in 0..5 {
             let port = free_port();
@@ -125,18 +125,18 @@ impl Gateway {
         panic!("could not start marga");
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(4000);
         text.get(start..).unwrap_or_default().to_owned()
     }
 
     /// SIGKILL, and reaps the process.
-    fn kill_9(&mut self) {
+    pub(crate) fn kill_9(&mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
     }

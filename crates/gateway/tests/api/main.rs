@@ -5,6 +5,7 @@
 
 mod accounts;
 mod batch;
+mod batch_crash;
 mod breakers;
 mod chains;
 mod chat;
