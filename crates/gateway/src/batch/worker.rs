@@ -192,17 +192,26 @@ impl Worker {
         let active = store.batches_in(&["in_progress", "finalizing", "cancelling"], MAX_ACTIVE).await?;
         *Self::lock(&self.batches) = active.iter().map(|b| (b.id.clone(), Arc::new(b.clone()))).collect();
         for batch in active {
-            let now = unix_now_ms();
-            match batch.status.as_str() {
-                "in_progress" if batch.completed + batch.failed >= batch.total && store.unfinished_items(&batch.id).await? == 0 => {
-                    if store.set_batch_status(&batch.id, &["in_progress"], "finalizing", "finalizing_at_ms", now).await? {
-                        self.finalize(&batch, "completed").await;
-                    }
+            self.advance(&batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Finalizes a batch whose items are all done; winds down a cancelled one.
+    async fn advance(&self, batch: &BatchRecord) -> Result<(), marga_store::StoreError> {
+        let store = &self.state.batches.store;
+        let now = unix_now_ms();
+        match batch.status.as_str() {
+            "in_progress" if batch.completed + batch.failed >= batch.total => {
+                let finished = store.unfinished_items(&batch.id).await? == 0
+                    && store.set_batch_status(&batch.id, &["in_progress"], "finalizing", "finalizing_at_ms", now).await?;
+                if finished {
+                    self.finalize(batch, "completed").await;
                 }
-                "finalizing" => self.finalize(&batch, "completed").await,
-                "cancelling" if store.cancel_pending_items(&batch.id, now).await? == 0 => self.finalize(&batch, "cancelled").await,
-                _ => {}
             }
+            "finalizing" => self.finalize(batch, "completed").await,
+            "cancelling" if store.cancel_pending_items(&batch.id, now).await? == 0 => self.finalize(batch, "cancelled").await,
+            _ => {}
         }
         Ok(())
     }
@@ -248,17 +257,15 @@ impl Worker {
                 continue;
             }
             let bytes = writer.commit().await?;
-            {
-                files[i] = Some(FileRecord {
-                    id: names[i].clone(),
-                    org_id: batch.org_id.clone(),
-                    purpose: "batch_output".to_owned(),
-                    filename: format!("{}_{}.jsonl", batch.id, if i == 0 { "output" } else { "errors" }),
-                    bytes: bytes as i64,
-                    lines: lines[i],
-                    created_at_ms: unix_now_ms(),
-                });
-            }
+            files[i] = Some(FileRecord {
+                id: names[i].clone(),
+                org_id: batch.org_id.clone(),
+                purpose: "batch_output".to_owned(),
+                filename: format!("{}_{}.jsonl", batch.id, if i == 0 { "output" } else { "errors" }),
+                bytes: bytes as i64,
+                lines: lines[i],
+                created_at_ms: unix_now_ms(),
+            });
         }
         let [output, errors] = files;
         Ok((output, errors))
