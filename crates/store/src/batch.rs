@@ -49,6 +49,10 @@ pub struct BatchRecord {
     pub cancelling_at_ms: Option<i64>,
     pub cancelled_at_ms: Option<i64>,
     pub expires_at_ms: i64,
+    /// Native batches: the client's `Idempotency-Key` (unique per organisation)…
+    pub idempotency_key: Option<String>,
+    /// …and the SHA-256 of the request it came with.
+    pub request_hash: Option<String>,
 }
 
 /// One request of a batch, as created.
@@ -100,6 +104,8 @@ pub trait BatchRepo: Send + Sync {
     fn create_batch<'a>(&'a self, batch: &'a BatchRecord, items: &'a [NewItem]) -> BoxFuture<'a, Result<(), StoreError>>;
     /// The organisation's batch `id` (another organisation's id is `None`).
     fn get_batch<'a>(&'a self, org_id: &'a str, id: &'a str) -> BoxFuture<'a, Result<Option<BatchRecord>, StoreError>>;
+    /// The organisation's batch created with `Idempotency-Key` `key`.
+    fn find_batch_by_key<'a>(&'a self, org_id: &'a str, key: &'a str) -> BoxFuture<'a, Result<Option<BatchRecord>, StoreError>>;
     /// The organisation's batches, newest first, older than the batch `after`, at most `limit`.
     fn list_batches<'a>(
         &'a self,
@@ -178,4 +184,4 @@ pub(crate) const FILE_COLUMNS: &str = "id, org_id, purpose, filename, bytes, lin
 
 pub(crate) const BATCH_COLUMNS: &str = "id, org_id, key_id, endpoint, input_file_id, completion_window, metadata, \
      status, total, completed, failed, output_file_id, error_file_id, created_at_ms, in_progress_at_ms, \
-     finalizing_at_ms, completed_at_ms, cancelling_at_ms, cancelled_at_ms, expires_at_ms";
+     finalizing_at_ms, completed_at_ms, cancelling_at_ms, cancelled_at_ms, expires_at_ms, idempotency_key, request_hash";

@@ -121,7 +121,9 @@ macro_rules! batch_repos {
                             .push_bind(r.completed_at_ms)
                             .push_bind(r.cancelling_at_ms)
                             .push_bind(r.cancelled_at_ms)
-                            .push_bind(r.expires_at_ms);
+                            .push_bind(r.expires_at_ms)
+                            .push_bind(&r.idempotency_key)
+                            .push_bind(&r.request_hash);
                     });
                     b.build().execute(&mut *tx).await?;
                     for (chunk_no, chunk) in items.chunks(ITEM_CHUNK).enumerate() {
@@ -145,6 +147,14 @@ macro_rules! batch_repos {
                 Box::pin(async move {
                     let mut b = QueryBuilder::<$db>::new(format!("SELECT {BATCH_COLUMNS} FROM batches WHERE org_id = "));
                     b.push_bind(org_id).push(" AND id = ").push_bind(id);
+                    Ok(b.build_query_as().fetch_optional(&self.pool).await?)
+                })
+            }
+
+            fn find_batch_by_key<'a>(&'a self, org_id: &'a str, key: &'a str) -> BoxFuture<'a, Result<Option<BatchRecord>, StoreError>> {
+                Box::pin(async move {
+                    let mut b = QueryBuilder::<$db>::new(format!("SELECT {BATCH_COLUMNS} FROM batches WHERE org_id = "));
+                    b.push_bind(org_id).push(" AND idempotency_key = ").push_bind(key);
                     Ok(b.build_query_as().fetch_optional(&self.pool).await?)
                 })
             }

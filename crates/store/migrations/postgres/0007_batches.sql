@@ -35,11 +35,15 @@ CREATE TABLE batches (
     completed_at_ms   BIGINT,
     cancelling_at_ms  BIGINT,
     cancelled_at_ms   BIGINT,
-    expires_at_ms     BIGINT NOT NULL
+    expires_at_ms     BIGINT NOT NULL,
+    -- Native batches: the client's Idempotency-Key and the SHA-256 of the request it came with.
+    idempotency_key   TEXT,
+    request_hash      TEXT
 );
 
 CREATE INDEX batches_org_created ON batches (org_id, created_at_ms);
 CREATE INDEX batches_status ON batches (status);
+CREATE UNIQUE INDEX batches_idempotency ON batches (org_id, idempotency_key);
 
 -- `state`: pending → running (claimed: owner, lease_until_ms) → done | cancelled.
 CREATE TABLE batch_items (
