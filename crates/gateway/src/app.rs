@@ -92,7 +92,8 @@ impl App {
             trial_keys: config.billing.trial_keys,
             fx: config.fx.clone(),
         };
-        let batches = Batches::new(store.clone(), &config.data_dir, config.batch.clone())
+        let secret = crate::batch::artifact_secret(store.as_ref()).await?;
+        let batches = Batches::new(store.clone(), &config.data_dir, config.batch.clone(), secret)
             .map_err(|source| StartError::DataDir { source })?;
         let state = AppState {
             model_pages: Arc::new(ModelPages::render(&registry)),

@@ -22,7 +22,7 @@ use crate::pipeline::unix_now_ms;
 
 /// How long a batch may take (the only window OpenAI offers).
 pub const COMPLETION_WINDOW: &str = "24h";
-const WINDOW_MS: i64 = 24 * 3600 * 1000;
+pub(crate) const WINDOW_MS: i64 = 24 * 3600 * 1000;
 /// Most metadata pairs, and longest key and value (OpenAI's limits).
 const MAX_METADATA: usize = 16;
 
@@ -116,7 +116,7 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
 
 /// The most one item can cost: its body parsed as the endpoint's request, its model admitted
 /// for the caller, priced on the dearest planned route.
-fn item_max_cost(state: &AppState, principal: &Principal, endpoint: &str, body: &str) -> Result<Money, ApiError> {
+pub(crate) fn item_max_cost(state: &AppState, principal: &Principal, endpoint: &str, body: &str) -> Result<Money, ApiError> {
     let parse_error = |e: serde_json::Error| ApiError::invalid(format!("invalid `body`: {e}"), None);
     let ext = Default::default();
     let (model, kind, output_cap) = match endpoint {

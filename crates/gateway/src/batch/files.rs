@@ -1,7 +1,8 @@
 //! File bodies on disk: written chunk by chunk as they arrive (never held whole in memory)
 //! to `<id>.part`, synced and renamed into place; JSONL checked line by line on the way, with
 //! errors that name the line. Batch input lines must be
-//! `{"custom_id": "…", "method": "POST", "url": "/v1/…", "body": {…}}`.
+//! `{"custom_id": "…", "method": "POST", "url": "/v1/…", "body": {…}}` (OpenAI) or
+//! `{"customer_item_id", "operation", "model", "input"}` (BatchRouter).
 
 use std::path::{Path, PathBuf};
 
@@ -90,7 +91,10 @@ impl LineChecker {
         self.lines += 1;
         if self.first_error.is_none() {
             if let Err(message) = BatchLine::parse(line) {
-                self.note(self.line, message);
+                // A BatchRouter native item line is a batch input line too.
+                if serde_json::from_slice::<super::native::NativeItem>(line).is_err() {
+                    self.note(self.line, message);
+                }
             }
         }
     }

@@ -157,7 +157,11 @@ impl Worker {
         let principal = self.state.admission.accounts.principal_of(&batch.org_id, &batch.key_id);
         let result = match principal {
             Some(principal) => {
-                let run = Item { principal, endpoint: &batch.endpoint, body: &item.body, generation_id: generation.clone() };
+                let (endpoint, body) = match batch.endpoint.as_str() {
+                    super::native::NATIVE => super::native::from_stored(&item.body).unwrap_or_default(),
+                    endpoint => (endpoint.to_owned(), item.body.clone()),
+                };
+                let run = Item { principal, endpoint: &endpoint, body: &body, generation_id: generation.clone() };
                 exec::run(&self.state, &self.slots, run).await
             }
             None => Err(ApiError::InvalidApiKey),

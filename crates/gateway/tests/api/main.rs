@@ -6,6 +6,7 @@
 mod accounts;
 mod batch;
 mod batch_crash;
+mod batch_native;
 mod breakers;
 mod chains;
 mod chat;
