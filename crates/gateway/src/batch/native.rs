@@ -311,6 +311,7 @@ pub fn verify(secret: &[u8], batch_id: &str, expires: i64, signature: &str, now_
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
