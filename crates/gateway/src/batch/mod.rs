@@ -10,12 +10,14 @@
 //! - [`exec`]: one item through plan → first_success with failover → settle → record.
 //! - [`native`]: BatchRouter's native batches (Idempotency-Key, inline items, preflight
 //!   errors, results paging, signed artifact URLs).
+//! - [`quote`]: free estimates with the selected and rejected lanes.
 //! - [`shapes`]: the OpenAI JSON of files and batches.
 
 pub mod create;
 pub mod exec;
 pub mod files;
 pub mod native;
+pub mod quote;
 pub mod shapes;
 pub mod worker;
 

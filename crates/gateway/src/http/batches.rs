@@ -194,3 +194,11 @@ pub async fn cancel(State(state): State<AppState>, headers: HeaderMap, Path(id):
     let batch = own_batch(&state, &principal, &id).await?;
     Ok(Json(if batch.endpoint == native::NATIVE { native::batch_json(&batch, None) } else { batch_json(&batch) }))
 }
+
+/// `POST /v1/quotes/model`: a free estimate from sample items (nothing is reserved).
+pub async fn quote(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Json<Value>, ApiError> {
+    let principal = caller(&state, &headers)?;
+    let bytes = read_body(body, state.max_body).await?;
+    let request: crate::batch::quote::QuoteRequest = parse_json(&bytes)?;
+    Ok(Json(crate::batch::quote::quote(&state, &principal, request)?))
+}

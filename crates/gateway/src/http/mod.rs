@@ -61,6 +61,7 @@ fn api_routes() -> Router<AppState> {
         .route("/batches/{id}/results", get(batches::results))
         .route("/batches/{id}/artifact-url", get(batches::artifact_url))
         .route("/batches/{id}/artifact", get(batches::artifact))
+        .route("/quotes/model", post(batches::quote))
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::get))
         .route("/route/explain", post(routing::explain))

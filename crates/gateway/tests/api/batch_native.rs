@@ -178,3 +178,61 @@ async fn file_items_and_signed_artifact_urls() {
     assert_eq!(status, 403);
     assert!(text.contains("expired"), "{text}");
 }
+
+#[tokio::test]
+async fn quotes_estimate_from_samples_and_show_selected_and_rejected_lanes() {
+    let app = spawn_app().await;
+    let (_, key) = funded(&app).await;
+    let failover = |id: &str| {
+        json!({"customer_item_id": id, "model": "test/failover", "input": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 100}})
+    };
+    let ignoring = json!({"customer_item_id": "c", "model": "test/failover",
+        "input": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 100, "provider": {"ignore": ["backup"]}}});
+    let answer = app
+        .client
+        .post(app.url("/v1/quotes/model"))
+        .bearer_auth(&key)
+        .json(&json!({"items": [failover("a"), failover("b"), ignoring], "estimated_items": 300}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let quote: Value = answer.json().await.unwrap();
+    assert!(quote["quote_id"].as_str().unwrap().starts_with("qlock_"), "{quote}");
+    let estimate = &quote["pricing_estimate"];
+    assert_eq!((estimate["currency"].as_str(), estimate["sample_items"].as_u64()), (Some("USD"), Some(3)));
+    let lanes = quote["quote_lanes"].as_array().unwrap();
+    let lane = |provider: &str| lanes.iter().find(|l| l["lane_id"].as_str().unwrap().contains(provider)).unwrap().clone();
+    let primary = lane("openai-main");
+    assert_eq!((primary["selected"].as_bool(), primary["items"].as_u64()), (Some(true), Some(3)));
+    let backup = lane("backup");
+    assert_eq!((backup["selected"].as_bool(), backup["role"].as_str(), backup["items"].as_u64()), (Some(false), Some("failover"), Some(2)));
+    // The selected lane's cost is the estimate: 3 identical items, priced on openai-main.
+    let sample: Decimal = estimate["sample_cost"].as_str().unwrap().parse().unwrap();
+    assert_eq!(primary["estimated_cost"].as_str().unwrap().parse::<Decimal>().unwrap(), sample);
+    let total: Decimal = estimate["estimated_total"].as_str().unwrap().parse().unwrap();
+    assert_eq!(total, (sample / Decimal::from(3) * Decimal::from(300)).round_dp(9));
+    assert!(sample > Decimal::ZERO);
+    // A route the item's own preferences excluded is a rejected lane with its reason.
+    let ignore_lanes: Vec<&Value> = lanes.iter().filter(|l| l["rejection"]["reason"] == "ignored").collect();
+    assert_eq!(ignore_lanes.len(), 0, "backup already listed as a lane of other items: {lanes:?}");
+    let only_sample = app
+        .client
+        .post(app.url("/v1/quotes/model"))
+        .bearer_auth(&key)
+        .json(&json!({"items": [json!({"customer_item_id": "c", "model": "test/failover",
+            "input": {"messages": [{"role": "user", "content": "x"}], "provider": {"ignore": ["backup"]}}})]}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let rejected: Vec<&Value> = only_sample["quote_lanes"].as_array().unwrap().iter().filter(|l| l["selected"] == false).collect();
+    assert_eq!(rejected.len(), 1, "{only_sample}");
+    assert_eq!(rejected[0]["rejection"]["reason"], "ignored");
+    assert!(rejected[0]["lane_id"].as_str().unwrap().contains("backup"));
+    let bad = app.client.post(app.url("/v1/quotes/model")).bearer_auth(&key).json(&json!({"items": []})).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(get(&app, &key, "/v1/batches").await.body["data"], json!([]), "a quote creates nothing");
+}
