@@ -93,7 +93,8 @@ impl App {
             fx: config.fx.clone(),
         };
         let secret = crate::batch::artifact_secret(store.as_ref()).await?;
-        let batches = Batches::new(store.clone(), &config.data_dir, config.batch.clone(), secret)
+        let allow_private = config.security.allow_private_webhook_targets;
+        let batches = Batches::new(store.clone(), &config.data_dir, config.batch.clone(), secret, allow_private)
             .map_err(|source| StartError::DataDir { source })?;
         let state = AppState {
             model_pages: Arc::new(ModelPages::render(&registry)),

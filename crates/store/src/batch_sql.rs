@@ -123,7 +123,9 @@ macro_rules! batch_repos {
                             .push_bind(r.cancelled_at_ms)
                             .push_bind(r.expires_at_ms)
                             .push_bind(&r.idempotency_key)
-                            .push_bind(&r.request_hash);
+                            .push_bind(&r.request_hash)
+                            .push_bind(&r.webhook_url)
+                            .push_bind(&r.webhook_secret);
                     });
                     b.build().execute(&mut *tx).await?;
                     for (chunk_no, chunk) in items.chunks(ITEM_CHUNK).enumerate() {

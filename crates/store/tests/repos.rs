@@ -1228,11 +1228,19 @@ async fn batch_status_cancel_and_finish(ctx: &Ctx) {
     assert_eq!(b.metadata.as_deref(), Some(r#"{"k":"v"}"#));
     assert_eq!(repos.get_file("org-1", "file-out-2").await.unwrap(), Some(out));
     // Idempotency keys are unique per organisation.
-    let keyed = |id: &str, org: &str| BatchRecord { idempotency_key: Some("key-12345".to_owned()), request_hash: Some("h".to_owned()), ..batch(id, org, 1) };
+    let keyed = |id: &str, org: &str| BatchRecord {
+        idempotency_key: Some("key-12345".to_owned()),
+        request_hash: Some("h".to_owned()),
+        webhook_url: Some("https://hooks.example/x".to_owned()),
+        webhook_secret: Some("s3cret-value".to_owned()),
+        ..batch(id, org, 1)
+    };
     repos.create_batch(&keyed("batch-4", "org-1"), &items(1)).await.unwrap();
     repos.create_batch(&keyed("batch-5", "org-2"), &items(1)).await.unwrap();
     assert!(repos.create_batch(&keyed("batch-6", "org-1"), &items(1)).await.is_err(), "the same key twice in one org");
-    assert_eq!(repos.find_batch_by_key("org-1", "key-12345").await.unwrap().map(|b| b.id), Some("batch-4".to_owned()));
+    let found = repos.find_batch_by_key("org-1", "key-12345").await.unwrap().unwrap();
+    assert_eq!((found.id.as_str(), found.webhook_url.as_deref()), ("batch-4", Some("https://hooks.example/x")));
+    assert_eq!(found, repos.get_batch("org-1", "batch-4").await.unwrap().unwrap());
     assert_eq!(repos.find_batch_by_key("org-1", "other-key").await.unwrap(), None);
     assert!(repos.get_batch("org-1", "batch-6").await.unwrap().is_none(), "the failed create left nothing");
 }

@@ -50,6 +50,9 @@ pub struct CreateNative {
     pub input_file_id: Option<String>,
     #[serde(default)]
     pub metadata: Option<serde_json::Map<String, Value>>,
+    /// This batch's delivery webhook (overrides the organisation's default).
+    #[serde(default)]
+    pub webhook: Option<super::webhook::Target>,
 }
 
 /// The stored form of an item: the endpoint and request body the worker runs.
@@ -104,6 +107,11 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
     }
     let request: CreateNative = serde_json::from_value(body)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?;
+    if let Some(target) = &request.webhook {
+        super::webhook::check(target, state.batches.allow_private_webhooks)
+            .await
+            .map_err(|message| preflight(vec![json!({"code": "unsafe_webhook_url", "message": message})]))?;
+    }
     let (items, file_id) = gather(state, principal, &request).await?;
     let now = unix_now_ms();
     let batch = BatchRecord {
@@ -121,6 +129,8 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         expires_at_ms: now + WINDOW_MS,
         idempotency_key: Some(key.clone()),
         request_hash: Some(hash.clone()),
+        webhook_url: request.webhook.as_ref().map(|w| w.url.clone()),
+        webhook_secret: request.webhook.as_ref().map(|w| w.secret.clone()),
         ..BatchRecord::default()
     };
     if let Err(e) = store.create_batch(&batch, &items).await {

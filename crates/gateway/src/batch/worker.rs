@@ -23,6 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::exec::{self, generation_id, Item};
 use super::files::Writing;
 use super::shapes::result_line;
+use super::webhook;
 use crate::error::ApiError;
 use crate::http::AppState;
 use crate::pipeline::plan::Plan;
@@ -225,12 +226,43 @@ impl Worker {
         match self.write_outputs(batch).await {
             Ok((output, errors)) => {
                 let store = &self.state.batches.store;
-                if let Err(e) = store.finish_batch(&batch.id, status, output.as_ref(), errors.as_ref(), unix_now_ms()).await {
-                    tracing::warn!(error = %e, batch = %batch.id, "could not finish a batch");
+                match store.finish_batch(&batch.id, status, output.as_ref(), errors.as_ref(), unix_now_ms()).await {
+                    Ok(true) => {
+                        let event = webhook::event(batch, status, output.as_ref().map(|f| f.id.as_str()), errors.as_ref().map(|f| f.id.as_str()));
+                        self.notify(batch, event).await;
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, batch = %batch.id, "could not finish a batch"),
                 }
             }
             Err(e) => tracing::warn!(error = %e, batch = %batch.id, "could not write a batch's output files"),
         }
+    }
+
+    /// Sends the batch's terminal event to its webhook, or its organisation's default one, in
+    /// the background (retries included).
+    async fn notify(&self, batch: &BatchRecord, event: serde_json::Value) {
+        let batches = &self.state.batches;
+        let target = match (&batch.webhook_url, &batch.webhook_secret) {
+            (Some(url), Some(secret)) => Some(webhook::Target { url: url.clone(), secret: secret.clone() }),
+            _ => match batches.store.get_setting(&webhook::org_setting(&batch.org_id)).await {
+                Ok(stored) => stored.and_then(|s| serde_json::from_str(&s).ok()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the organisation's webhook");
+                    None
+                }
+            },
+        };
+        let Some(target) = target else { return };
+        let base = Duration::from_millis(batches.settings.webhook_retry_base_ms.max(1));
+        let allow_private = batches.allow_private_webhooks;
+        let batch_id = batch.id.clone();
+        tokio::spawn(async move {
+            let (attempts, delivered) = webhook::deliver(target, event, base, allow_private).await;
+            if !delivered {
+                tracing::warn!(batch = %batch_id, attempts, "webhook not delivered; giving up");
+            }
+        });
     }
 
     /// The output and error files (each only when it has lines), in item order.

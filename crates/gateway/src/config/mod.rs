@@ -15,7 +15,7 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use thiserror::Error;
 
-pub use schema::{BatchSettings, BillingSettings, LimitSettings, ModelConfig, ModelType, ProviderConfig, RouteConfig};
+pub use schema::{BatchSettings, SecuritySettings, BillingSettings, LimitSettings, ModelConfig, ModelType, ProviderConfig, RouteConfig};
 
 /// The catalog of real providers and models compiled into the binary.
 pub const BUNDLED_CATALOG: &str = include_str!("../../catalog/catalog.toml");
@@ -32,6 +32,7 @@ pub struct Config {
     pub billing: BillingSettings,
     pub limits: LimitSettings,
     pub batch: schema::BatchSettings,
+    pub security: schema::SecuritySettings,
     pub routing: RoutingSettings,
     pub fx: crate::money::Fx,
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -136,6 +137,7 @@ impl Config {
             billing: top.billing,
             limits: top.limits,
             batch: top.batch,
+            security: top.security,
             routing,
             fx,
             providers,

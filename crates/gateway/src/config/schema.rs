@@ -30,6 +30,8 @@ pub(super) struct TopLevel {
     #[serde(default)]
     pub batch: BatchSettings,
     #[serde(default)]
+    pub security: SecuritySettings,
+    #[serde(default)]
     pub routing: RawRouting,
     #[serde(default)]
     pub fx: RawFx,
@@ -118,6 +120,18 @@ pub struct BatchSettings {
     pub poll_ms: u64,
     /// Run the batch worker on this instance.
     pub worker: bool,
+    /// Delay before the first retry of a failed webhook delivery, in milliseconds; each retry
+    /// doubles it (the default spreads 8 deliveries over about 24 hours).
+    pub webhook_retry_base_ms: u64,
+}
+
+/// `[security]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Let webhooks target private, loopback and link-local addresses, and plain http (for
+    /// receivers on the operator's own network). Off: https to public addresses only.
+    pub allow_private_webhook_targets: bool,
 }
 
 impl Default for BatchSettings {
@@ -131,6 +145,7 @@ impl Default for BatchSettings {
             item_lease_s: 60,
             poll_ms: 200,
             worker: true,
+            webhook_retry_base_ms: 675_000,
         }
     }
 }

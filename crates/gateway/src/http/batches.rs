@@ -202,3 +202,19 @@ pub async fn quote(State(state): State<AppState>, headers: HeaderMap, body: Body
     let request: crate::batch::quote::QuoteRequest = parse_json(&bytes)?;
     Ok(Json(crate::batch::quote::quote(&state, &principal, request)?))
 }
+
+/// `PUT /v1/auth/account/delivery-webhook {url, secret}`: the organisation's default webhook
+/// for batches created without one (management keys).
+pub async fn put_delivery_webhook(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Json<Value>, ApiError> {
+    let principal = state.admission.accounts.authenticate(&headers)?;
+    principal.require_management()?;
+    let bytes = read_body(body, state.max_body).await?;
+    let target: crate::batch::webhook::Target = parse_json(&bytes)?;
+    crate::batch::webhook::check(&target, state.batches.allow_private_webhooks)
+        .await
+        .map_err(|message| ApiError::Preflight { message: message.clone(), problems: vec![json!({"code": "unsafe_webhook_url", "message": message})] })?;
+    let stored = serde_json::to_string(&target).map_err(|e| ApiError::Internal(e.into()))?;
+    let key = crate::batch::webhook::org_setting(&principal.org.id);
+    state.batches.store.put_setting(&key, &stored).await.map_err(store_error)?;
+    Ok(Json(json!({ "url": target.url, "updated": true })))
+}

@@ -76,6 +76,7 @@ fn api_routes() -> Router<AppState> {
         .route("/guardrails/{id}/keys/remove", post(guardrails::unassign_keys))
         .route("/auth/account", get(admin::account))
         .route("/auth/account/api-keys", post(admin::create_account_key))
+        .route("/auth/account/delivery-webhook", axum::routing::put(batches::put_delivery_webhook))
 }
 
 /// The operator's and the dashboard's endpoints (not under `/v1`).

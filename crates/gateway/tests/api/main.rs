@@ -7,6 +7,7 @@ mod accounts;
 mod batch;
 mod batch_crash;
 mod batch_native;
+mod batch_webhook;
 mod breakers;
 mod chains;
 mod chat;

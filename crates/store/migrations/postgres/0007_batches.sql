@@ -38,7 +38,10 @@ CREATE TABLE batches (
     expires_at_ms     BIGINT NOT NULL,
     -- Native batches: the client's Idempotency-Key and the SHA-256 of the request it came with.
     idempotency_key   TEXT,
-    request_hash      TEXT
+    request_hash      TEXT,
+    -- Where the terminal event is delivered (a per-batch webhook overrides the org default).
+    webhook_url       TEXT,
+    webhook_secret    TEXT
 );
 
 CREATE INDEX batches_org_created ON batches (org_id, created_at_ms);
