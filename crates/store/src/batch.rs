@@ -56,6 +56,9 @@ pub struct BatchRecord {
     /// The batch's own delivery webhook, if it was given one.
     pub webhook_url: Option<String>,
     pub webhook_secret: Option<String>,
+    /// The credit lease reserved for the batch at creation (charged by its items, closed when
+    /// it ends); `None` when the payer is not limited.
+    pub credit_lease_id: Option<String>,
 }
 
 /// One request of a batch, as created.
@@ -187,4 +190,4 @@ pub(crate) const FILE_COLUMNS: &str = "id, org_id, purpose, filename, bytes, lin
 
 pub(crate) const BATCH_COLUMNS: &str = "id, org_id, key_id, endpoint, input_file_id, completion_window, metadata, \
      status, total, completed, failed, output_file_id, error_file_id, created_at_ms, in_progress_at_ms, \
-     finalizing_at_ms, completed_at_ms, cancelling_at_ms, cancelled_at_ms, expires_at_ms, idempotency_key, request_hash, webhook_url, webhook_secret";
+     finalizing_at_ms, completed_at_ms, cancelling_at_ms, cancelled_at_ms, expires_at_ms, idempotency_key, request_hash, webhook_url, webhook_secret, credit_lease_id";

@@ -125,7 +125,8 @@ macro_rules! batch_repos {
                             .push_bind(&r.idempotency_key)
                             .push_bind(&r.request_hash)
                             .push_bind(&r.webhook_url)
-                            .push_bind(&r.webhook_secret);
+                            .push_bind(&r.webhook_secret)
+                            .push_bind(&r.credit_lease_id);
                     });
                     b.build().execute(&mut *tx).await?;
                     for (chunk_no, chunk) in items.chunks(ITEM_CHUNK).enumerate() {

@@ -1,9 +1,9 @@
 //! `POST /v1/batches` in the OpenAI shape: `{input_file_id, endpoint, completion_window,
 //! metadata}`. The input file is read line by line; every line must target the batch's
 //! endpoint, have a unique `custom_id` and a body that parses as that endpoint's request for
-//! a model the caller may use. The organisation's credit must cover the whole batch's maximum
-//! cost at creation (checked by reserving it, then released: each item then reserves and
-//! settles its own cost like a request, charged once by its item id).
+//! a model the caller may use. The whole batch's maximum cost is reserved at creation, as a
+//! credit lease of the batch's own in the database; each item is charged against it (once,
+//! by its item id) and the lease is closed when the batch ends, returning what was not used.
 
 use std::collections::HashSet;
 
@@ -91,11 +91,12 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
     if items.is_empty() {
         return Err(ApiError::invalid("the input file holds no requests", Some("input_file_id".into())));
     }
-    // The whole batch must be affordable now; each item reserves its own share when it runs.
-    drop(state.admission.reserve(principal, max_cost).await?);
     let now = unix_now_ms();
+    let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
+    // The whole batch's maximum cost is reserved now, as a lease its items are charged against.
+    let lease = state.admission.reserve_batch(principal, max_cost, &id, now + WINDOW_MS + LEASE_MARGIN_MS).await?;
     let batch = BatchRecord {
-        id: format!("batch_{}", uuid::Uuid::now_v7().simple()),
+        id,
         org_id: principal.org.id.clone(),
         key_id: principal.key.id.clone(),
         endpoint: req.endpoint,
@@ -107,9 +108,10 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
         created_at_ms: now,
         in_progress_at_ms: Some(now),
         expires_at_ms: now + WINDOW_MS,
+        credit_lease_id: lease,
         ..BatchRecord::default()
     };
-    batches.store.create_batch(&batch, &items).await.map_err(store_error)?;
+    store_batch(state, &batch, &items).await?;
     batches.wake.notify_waiters();
     Ok(batch)
 }
@@ -136,6 +138,18 @@ pub(crate) fn item_max_cost(state: &AppState, principal: &Principal, endpoint: &
     };
     let admitted = crate::http::admit::admit(state, principal, &model, &ext, kind)?;
     Ok(crate::http::admit::max_cost(state, &admitted, body.len(), output_cap))
+}
+
+/// A batch's credit lease outlives its window by this much (then expires by itself).
+pub(crate) const LEASE_MARGIN_MS: i64 = 3600 * 1000;
+
+/// Stores the batch and its items; on failure gives its credit lease back.
+pub(crate) async fn store_batch(state: &AppState, batch: &BatchRecord, items: &[NewItem]) -> Result<(), ApiError> {
+    let Err(e) = state.batches.store.create_batch(batch, items).await else { return Ok(()) };
+    if let Some(lease) = &batch.credit_lease_id {
+        let _ = state.admission.ledger.repo().close_lease(lease).await;
+    }
+    Err(store_error(e))
 }
 
 pub fn store_error(e: marga_store::StoreError) -> ApiError {

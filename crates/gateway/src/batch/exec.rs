@@ -33,6 +33,8 @@ pub struct Item<'a> {
     pub endpoint: &'a str,
     pub body: &'a str,
     pub generation_id: String,
+    /// The batch's credit lease, if its payer is limited.
+    pub lease: Option<&'a str>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, ApiError> {
@@ -93,7 +95,7 @@ async fn begin(
     shape: (Endpoint, bool, usize, Option<u32>),
 ) -> Result<(RequestCtx, Plan), ApiError> {
     let client = ClientInfo { user_agent: Some("marga-batch".to_owned()), ..ClientInfo::default() };
-    let (mut ctx, plan) = begin_for(state, item.principal.clone(), model, ext, shape, client).await?;
+    let (mut ctx, plan) = begin_for(state, item.principal.clone(), model, ext, shape, client, item.lease).await?;
     ctx.id.clone_from(&item.generation_id);
     Ok((ctx, plan))
 }

@@ -112,10 +112,13 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
             .await
             .map_err(|message| preflight(vec![json!({"code": "unsafe_webhook_url", "message": message})]))?;
     }
-    let (items, file_id) = gather(state, principal, &request).await?;
+    let (items, file_id, max_cost) = gather(state, principal, &request).await?;
     let now = unix_now_ms();
+    let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
+    let until = now + WINDOW_MS + super::create::LEASE_MARGIN_MS;
+    let lease = state.admission.reserve_batch(principal, max_cost, &id, until).await?;
     let batch = BatchRecord {
-        id: format!("batch_{}", uuid::Uuid::now_v7().simple()),
+        id,
         org_id: principal.org.id.clone(),
         key_id: principal.key.id.clone(),
         endpoint: NATIVE.to_owned(),
@@ -131,9 +134,13 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         request_hash: Some(hash.clone()),
         webhook_url: request.webhook.as_ref().map(|w| w.url.clone()),
         webhook_secret: request.webhook.as_ref().map(|w| w.secret.clone()),
+        credit_lease_id: lease,
         ..BatchRecord::default()
     };
     if let Err(e) = store.create_batch(&batch, &items).await {
+        if let Some(lease) = &batch.credit_lease_id {
+            let _ = state.admission.ledger.repo().close_lease(lease).await;
+        }
         // A concurrent create with the same key won the unique index.
         return match replay(state, principal, &key, &hash).await? {
             Some(existing) => Ok((existing, true)),
@@ -164,9 +171,9 @@ fn preflight(problems: Vec<Value>) -> ApiError {
     ApiError::Preflight { message, problems }
 }
 
-/// The items (checked: every problem found, up to [`MAX_PROBLEMS`], is reported at once) and
-/// the input file id, if any.
-async fn gather(state: &AppState, principal: &Principal, req: &CreateNative) -> Result<(Vec<NewItem>, Option<String>), ApiError> {
+/// The items (checked: every problem found, up to [`MAX_PROBLEMS`], is reported at once),
+/// the input file id, if any, and the batch's maximum cost.
+async fn gather(state: &AppState, principal: &Principal, req: &CreateNative) -> Result<(Vec<NewItem>, Option<String>, Money), ApiError> {
     let raw: Vec<Value> = match (&req.items, &req.input_file_id) {
         (Some(items), None) => items.clone(),
         (None, Some(id)) => read_file_items(state, principal, id).await?,
@@ -196,8 +203,7 @@ async fn gather(state: &AppState, principal: &Principal, req: &CreateNative) -> 
     if !problems.is_empty() {
         return Err(preflight(problems));
     }
-    drop(state.admission.reserve(principal, max_cost).await?);
-    Ok((items, req.input_file_id.clone()))
+    Ok((items, req.input_file_id.clone(), max_cost))
 }
 
 fn check_item(state: &AppState, principal: &Principal, value: Value, seen: &mut HashSet<String>) -> Result<(NewItem, Money), String> {

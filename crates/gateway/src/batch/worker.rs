@@ -162,7 +162,8 @@ impl Worker {
                     super::native::NATIVE => super::native::from_stored(&item.body).unwrap_or_default(),
                     endpoint => (endpoint.to_owned(), item.body.clone()),
                 };
-                let run = Item { principal, endpoint: &endpoint, body: &body, generation_id: generation.clone() };
+                let lease = batch.credit_lease_id.as_deref();
+                let run = Item { principal, endpoint: &endpoint, body: &body, generation_id: generation.clone(), lease };
                 exec::run(&self.state, &self.slots, run).await
             }
             None => Err(ApiError::InvalidApiKey),
@@ -228,6 +229,7 @@ impl Worker {
                 let store = &self.state.batches.store;
                 match store.finish_batch(&batch.id, status, output.as_ref(), errors.as_ref(), unix_now_ms()).await {
                     Ok(true) => {
+                        self.release_credit(batch).await;
                         let event = webhook::event(batch, status, output.as_ref().map(|f| f.id.as_str()), errors.as_ref().map(|f| f.id.as_str()));
                         self.notify(batch, event).await;
                     }
@@ -236,6 +238,14 @@ impl Worker {
                 }
             }
             Err(e) => tracing::warn!(error = %e, batch = %batch.id, "could not write a batch's output files"),
+        }
+    }
+
+    /// Closes the batch's credit lease: what its items did not use returns to the organisation.
+    async fn release_credit(&self, batch: &BatchRecord) {
+        let Some(lease) = &batch.credit_lease_id else { return };
+        if let Err(e) = self.state.admission.ledger.repo().close_lease(lease).await {
+            tracing::warn!(error = %e, batch = %batch.id, "could not close a batch's credit lease; it expires by itself");
         }
     }
 

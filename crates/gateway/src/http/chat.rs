@@ -118,13 +118,14 @@ pub(super) async fn begin_request(
 ) -> Result<(RequestCtx, Plan), ApiError> {
     let (principal, quota) = caller(state, headers, peer)?;
     let client = client_info(headers, end_user);
-    let (mut ctx, plan) = begin_for(state, principal, model, ext, shape, client).await?;
+    let (mut ctx, plan) = begin_for(state, principal, model, ext, shape, client, None).await?;
     ctx.quota = quota;
     Ok((ctx, plan))
 }
 
 /// Admits a parsed request of a known `principal` (already authenticated and counted):
-/// guardrail, plan, credit reservation, and the request's context.
+/// guardrail, plan, credit reservation (from `batch_lease` for a batch item whose credit was
+/// reserved with its batch), and the request's context.
 pub(crate) async fn begin_for(
     state: &AppState,
     principal: Principal,
@@ -132,11 +133,18 @@ pub(crate) async fn begin_for(
     ext: &marga_protocol::routing::RoutingExtensions,
     shape: (Endpoint, bool, usize, Option<u32>),
     client: ClientInfo,
+    batch_lease: Option<&str>,
 ) -> Result<(RequestCtx, Plan), ApiError> {
     let (endpoint, stream, prompt_bytes, output_cap) = shape;
     let kind = if endpoint == Endpoint::Embeddings { ModelType::Embedding } else { ModelType::Chat };
     let admitted = admit(state, &principal, model, ext, kind)?;
-    let billing = reserve(state, &principal, &admitted, prompt_bytes, output_cap).await?;
+    let billing = match batch_lease {
+        Some(lease) => {
+            let most = super::admit::max_cost(state, &admitted, prompt_bytes, output_cap);
+            state.admission.reserve_batch_item(&principal, most, lease).await?
+        }
+        None => reserve(state, &principal, &admitted, prompt_bytes, output_cap).await?,
+    };
     let mut ctx = RequestCtx::new(principal, endpoint, admitted.model, stream, client);
     ctx.billing = Some(billing);
     Ok((ctx, admitted.plan))

@@ -273,3 +273,45 @@ async fn cancelling_stops_pending_items_and_keeps_what_finished() {
     let again = post(&app, &key, &format!("/v1/batches/{id}/cancel"), &json!({})).await;
     assert_eq!((again.status, again.body["status"].as_str()), (200, Some("cancelled")));
 }
+
+#[tokio::test]
+async fn a_batch_reserves_its_credit_at_creation_and_returns_the_rest_when_it_ends() {
+    let options = Options { extra_toml: "[batch]\nconcurrency = 2\n".to_owned(), ..Options::default() };
+    let app = spawn_app_with(options).await;
+    let (org, key) = funded(&app, "1").await;
+    app.mock.set_scenario(Scenario { delay_ms: 100, ..Scenario::default() });
+    let lines: Vec<String> = (0..6)
+        .map(|i| line(&format!("r{i}"), "/v1/chat/completions", json!({"model": "test/openai-chat", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}]})))
+        .collect();
+    let file = upload(&app, &key, "batch", lines.join("\n")).await.body["id"].as_str().unwrap().to_owned();
+    let created = post(&app, &key, "/v1/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // Reserved at creation: what is available drops by the batch's maximum cost at once.
+    let balance = app.store.balance(&org).await.unwrap();
+    let available = app.store.available(&org, now()).await.unwrap();
+    assert!(available < balance, "the batch holds credit: available {available} of {balance}");
+    let done = wait_terminal(&app, &key, created.body["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(done["request_counts"]["completed"], 6);
+    let charges = wait_for_charges(&app, &org, 6).await;
+    let charged: i64 = charges.iter().map(|c| -c.amount_nanos).sum();
+    let granted = 1_000_000_000;
+    assert_eq!(app.store.balance(&org).await.unwrap(), granted - charged);
+    // Ended: the lease is closed and only the charges are gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let available = app.store.available(&org, now()).await.unwrap();
+        if available == granted - charged {
+            break;
+        }
+        assert!(Instant::now() < deadline, "credit still held after the batch ended: {available}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A batch that would cost more than what is left is refused at creation.
+    let costly: Vec<String> = (0..50)
+        .map(|i| line(&format!("big{i}"), "/v1/chat/completions", json!({"model": "test/openai-chat", "max_tokens": 100_000, "messages": [{"role": "user", "content": "x"}]})))
+        .collect();
+    let file = upload(&app, &key, "batch", costly.join("\n")).await.body["id"].as_str().unwrap().to_owned();
+    let refused = post(&app, &key, "/v1/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!((refused.status, refused.body["error"]["code"].as_str()), (402, Some("insufficient_credits")), "{}", refused.body);
+}

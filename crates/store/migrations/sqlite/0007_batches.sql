@@ -41,7 +41,9 @@ CREATE TABLE batches (
     request_hash      TEXT,
     -- Where the terminal event is delivered (a per-batch webhook overrides the org default).
     webhook_url       TEXT,
-    webhook_secret    TEXT
+    webhook_secret    TEXT,
+    -- The credit lease that holds the batch's reservation until it ends.
+    credit_lease_id   TEXT
 ) STRICT;
 
 CREATE INDEX batches_org_created ON batches (org_id, created_at_ms);
