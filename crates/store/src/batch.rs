@@ -121,8 +121,8 @@ pub trait BatchRepo: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<BatchRecord>, StoreError>>;
     /// Batches in one of `statuses` (for the worker), oldest first, at most `limit`.
     fn batches_in<'a>(&'a self, statuses: &'a [&'a str], limit: i64) -> BoxFuture<'a, Result<Vec<BatchRecord>, StoreError>>;
-    /// Claims up to `limit` items of in-progress batches that are pending or whose lease
-    /// expired before `now_ms`, for `owner` until `lease_until_ms`.
+    /// Claims up to `limit` items of in-progress batches still within their window that are
+    /// pending or whose lease expired before `now_ms`, for `owner` until `lease_until_ms`.
     fn claim_items<'a>(
         &'a self,
         owner: &'a str,

@@ -203,6 +203,7 @@ macro_rules! batch_repos {
                         .bind(owner)
                         .bind(lease_until_ms)
                         .bind(now_ms)
+                        .bind(now_ms)
                         .bind(limit)
                         .fetch_all(&self.pool)
                         .await?;

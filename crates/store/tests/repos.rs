@@ -1243,4 +1243,8 @@ async fn batch_status_cancel_and_finish(ctx: &Ctx) {
     assert_eq!(found, repos.get_batch("org-1", "batch-4").await.unwrap().unwrap());
     assert_eq!(repos.find_batch_by_key("org-1", "other-key").await.unwrap(), None);
     assert!(repos.get_batch("org-1", "batch-6").await.unwrap().is_none(), "the failed create left nothing");
+    // A batch past its window has nothing to claim.
+    let late = BatchRecord { expires_at_ms: now - 1, ..batch("batch-7", "org-1", 2) };
+    repos.create_batch(&late, &items(2)).await.unwrap();
+    assert!(repos.claim_items("w3", now, now + 60_000, 100).await.unwrap().iter().all(|i| i.batch_id != "batch-7"));
 }

@@ -47,13 +47,16 @@ fn check_request(req: &CreateBatch) -> Result<(), ApiError> {
     if req.completion_window != COMPLETION_WINDOW {
         return Err(ApiError::invalid("`completion_window` must be \"24h\"", Some("completion_window".into())));
     }
-    if let Some(meta) = &req.metadata {
-        let bad = meta.len() > MAX_METADATA
-            || meta.iter().any(|(k, v)| k.len() > 64 || v.as_str().is_none_or(|s| s.len() > 512));
-        if bad {
-            let message = "`metadata` holds at most 16 string values (keys ≤ 64, values ≤ 512 characters)";
-            return Err(ApiError::invalid(message, Some("metadata".into())));
-        }
+    check_metadata(req.metadata.as_ref())
+}
+
+/// OpenAI's metadata rules: at most 16 string values, keys ≤ 64 and values ≤ 512 characters.
+pub(crate) fn check_metadata(metadata: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<(), ApiError> {
+    let Some(meta) = metadata else { return Ok(()) };
+    let bad = meta.len() > MAX_METADATA || meta.iter().any(|(k, v)| k.len() > 64 || v.as_str().is_none_or(|s| s.len() > 512));
+    if bad {
+        let message = "`metadata` holds at most 16 string values (keys ≤ 64, values ≤ 512 characters)";
+        return Err(ApiError::invalid(message, Some("metadata".into())));
     }
     Ok(())
 }

@@ -107,6 +107,7 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
     }
     let request: CreateNative = serde_json::from_value(body)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?;
+    super::create::check_metadata(request.metadata.as_ref())?;
     if let Some(target) = &request.webhook {
         super::webhook::check(target, state.batches.allow_private_webhooks)
             .await

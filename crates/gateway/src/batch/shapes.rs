@@ -22,6 +22,8 @@ pub fn file_json(f: &FileRecord) -> Value {
 
 pub fn batch_json(b: &BatchRecord) -> Value {
     let at = |ms: Option<i64>| ms.map(secs);
+    let expired = b.status == "expired";
+    let (completed_at, expired_at) = if expired { (None, at(b.completed_at_ms)) } else { (at(b.completed_at_ms), None) };
     let metadata = b.metadata.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok());
     json!({
         "id": b.id,
@@ -37,9 +39,9 @@ pub fn batch_json(b: &BatchRecord) -> Value {
         "in_progress_at": at(b.in_progress_at_ms),
         "expires_at": secs(b.expires_at_ms),
         "finalizing_at": at(b.finalizing_at_ms),
-        "completed_at": at(b.completed_at_ms),
+        "completed_at": completed_at,
         "failed_at": null,
-        "expired_at": null,
+        "expired_at": expired_at,
         "cancelling_at": at(b.cancelling_at_ms),
         "cancelled_at": at(b.cancelled_at_ms),
         "request_counts": { "total": b.total, "completed": b.completed, "failed": b.failed },

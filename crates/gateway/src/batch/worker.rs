@@ -208,6 +208,15 @@ impl Worker {
         let store = &self.state.batches.store;
         let now = unix_now_ms();
         match batch.status.as_str() {
+            // Past its window: pending items are dropped, running ones finish, then it ends
+            // as `expired` with what finished.
+            "in_progress" if now > batch.expires_at_ms => {
+                let expired = store.cancel_pending_items(&batch.id, now).await? == 0
+                    && store.set_batch_status(&batch.id, &["in_progress"], "finalizing", "finalizing_at_ms", now).await?;
+                if expired {
+                    self.finalize(batch, "expired").await;
+                }
+            }
             "in_progress" if batch.completed + batch.failed >= batch.total => {
                 let finished = store.unfinished_items(&batch.id).await? == 0
                     && store.set_batch_status(&batch.id, &["in_progress"], "finalizing", "finalizing_at_ms", now).await?;
@@ -215,6 +224,8 @@ impl Worker {
                     self.finalize(batch, "completed").await;
                 }
             }
+            // A finalization that did not finish (the instance died): done again, idempotently.
+            "finalizing" if batch.completed + batch.failed < batch.total => self.finalize(batch, "expired").await,
             "finalizing" => self.finalize(batch, "completed").await,
             "cancelling" if store.cancel_pending_items(&batch.id, now).await? == 0 => self.finalize(batch, "cancelled").await,
             _ => {}

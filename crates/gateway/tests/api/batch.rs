@@ -315,3 +315,33 @@ async fn a_batch_reserves_its_credit_at_creation_and_returns_the_rest_when_it_en
     let refused = post(&app, &key, "/v1/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
     assert_eq!((refused.status, refused.body["error"]["code"].as_str()), (402, Some("insufficient_credits")), "{}", refused.body);
 }
+
+#[tokio::test]
+async fn a_batch_past_its_window_expires_with_what_finished() {
+    let app = spawn_app().await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // A batch whose 24 h window has passed (written as an earlier run would have left it).
+    let batch = marga_store::BatchRecord {
+        id: format!("batch_{}", uuid::Uuid::now_v7().simple()),
+        org_id: "default".to_owned(),
+        key_id: "master".to_owned(),
+        endpoint: "/v1/chat/completions".to_owned(),
+        input_file_id: "file-gone".to_owned(),
+        completion_window: "24h".to_owned(),
+        status: "in_progress".to_owned(),
+        total: 3,
+        created_at_ms: now - 90_000_000,
+        in_progress_at_ms: Some(now - 90_000_000),
+        expires_at_ms: now - 3_600_000,
+        ..marga_store::BatchRecord::default()
+    };
+    let body = json!({"model": "sandbox/echo", "messages": [{"role": "user", "content": "late"}]}).to_string();
+    let items: Vec<marga_store::NewItem> = (0..3).map(|i| marga_store::NewItem { custom_id: format!("late-{i}"), body: body.clone() }).collect();
+    app.store.create_batch(&batch, &items).await.unwrap();
+    let done = wait_terminal(&app, &app.master_key, &batch.id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "expired", "{done}");
+    assert_eq!(done["request_counts"], json!({"total": 3, "completed": 0, "failed": 0}));
+    assert!(done["expired_at"].as_i64().is_some() && done["completed_at"].is_null(), "{done}");
+    assert!(done["output_file_id"].is_null());
+    assert_eq!(app.store.unfinished_items(&batch.id).await.unwrap(), 0, "pending items were dropped, not run");
+}
