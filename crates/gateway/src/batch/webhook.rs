@@ -1,4 +1,6 @@
-//! Delivery webhooks: when a batch ends, a JSON event is POSTed to the batch's webhook (or
+//! Delivery webhooks: when a batch ends (and, while it runs, at most every `[batch]
+//! webhook_progress_ms` when items finished since the last one: `batch.progress`, sent once,
+//! not retried), a JSON event is POSTed to the batch's webhook (or
 //! the organisation's default, `PUT /v1/auth/account/delivery-webhook`), signed in
 //! `X-BatchRouter-Signature` as the hex HMAC-SHA256 of the raw body with the webhook's secret.
 //! A non-2xx answer (or no answer within 10 s) is retried with exponential backoff, up to
@@ -104,11 +106,11 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     }
 }
 
-/// The terminal event of a batch.
-pub fn event(batch: &BatchRecord, status: &str, output: Option<&str>, errors: Option<&str>) -> Value {
+/// An event of a batch: `batch.<kind>` (`completed`, `cancelled`, `expired`, `progress`).
+pub fn event(batch: &BatchRecord, kind: &str, status: &str, output: Option<&str>, errors: Option<&str>) -> Value {
     json!({
         "id": format!("evt_{}", uuid::Uuid::now_v7().simple()),
-        "type": format!("batch.{status}"),
+        "type": format!("batch.{kind}"),
         "created": unix_now_ms() / 1000,
         "data": {
             "batch_id": batch.id,
@@ -122,23 +124,24 @@ pub fn event(batch: &BatchRecord, status: &str, output: Option<&str>, errors: Op
     })
 }
 
-/// Delivers `event` to `target`, retrying with exponential backoff from `retry_base`;
-/// returns the number of attempts made and whether one succeeded.
-pub async fn deliver(target: Target, event: Value, retry_base: Duration, allow_private: bool) -> (u32, bool) {
+/// Delivers `event` to `target`, up to `max_attempts` times with exponential backoff from
+/// `retry_base`; returns the number of attempts made and whether one succeeded.
+pub async fn deliver(target: Target, event: Value, retry_base: Duration, allow_private: bool, max_attempts: u32) -> (u32, bool) {
     let body = event.to_string();
     let signed = signature(&target.secret, body.as_bytes());
     let mut delay = retry_base;
-    for attempt in 1..=MAX_ATTEMPTS {
+    let max_attempts = max_attempts.clamp(1, MAX_ATTEMPTS);
+    for attempt in 1..=max_attempts {
         match post_once(&target.url, &body, &signed, allow_private).await {
             Ok(()) => return (attempt, true),
             Err(reason) => tracing::info!(attempt, %reason, "webhook delivery failed"),
         }
-        if attempt < MAX_ATTEMPTS {
+        if attempt < max_attempts {
             tokio::time::sleep(delay).await;
             delay = delay.saturating_mul(2);
         }
     }
-    (MAX_ATTEMPTS, false)
+    (max_attempts, false)
 }
 
 async fn post_once(url: &str, body: &str, signed: &str, allow_private: bool) -> Result<(), String> {

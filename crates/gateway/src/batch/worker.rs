@@ -64,6 +64,8 @@ pub struct Worker {
     running: Mutex<HashSet<(String, i64)>>,
     /// Active batches seen on the last pass.
     batches: Mutex<HashMap<String, Arc<BatchRecord>>>,
+    /// Per batch: when its last progress event went out, and how many items were done then.
+    progress: Mutex<HashMap<String, (i64, i64)>>,
 }
 
 impl Worker {
@@ -77,6 +79,7 @@ impl Worker {
             total: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             running: Mutex::default(),
             batches: Mutex::default(),
+            progress: Mutex::default(),
             state,
         });
         let renewer = Arc::clone(&worker);
@@ -199,8 +202,31 @@ impl Worker {
         *Self::lock(&self.batches) = active.iter().map(|b| (b.id.clone(), Arc::new(b.clone()))).collect();
         for batch in active {
             self.advance(&batch).await?;
+            if batch.status == "in_progress" {
+                self.maybe_progress(&batch).await;
+            }
         }
         Ok(())
+    }
+
+    /// A `batch.progress` event when items finished since the last one and the last one is at
+    /// least `[batch] webhook_progress_ms` old (the first one a full interval after start).
+    async fn maybe_progress(&self, batch: &BatchRecord) {
+        let now = unix_now_ms();
+        let interval = i64::try_from(self.state.batches.settings.webhook_progress_ms).unwrap_or(i64::MAX);
+        let done = batch.completed + batch.failed;
+        let due = {
+            let mut progress = Self::lock(&self.progress);
+            let (last_ms, last_done) = *progress.entry(batch.id.clone()).or_insert((now, 0));
+            let due = done > last_done && done < batch.total && now - last_ms >= interval;
+            if due {
+                progress.insert(batch.id.clone(), (now, done));
+            }
+            due
+        };
+        if due {
+            self.notify(batch, webhook::event(batch, "progress", "in_progress", None, None), 1).await;
+        }
     }
 
     /// Finalizes a batch whose items are all done; winds down a cancelled one.
@@ -241,8 +267,9 @@ impl Worker {
                 match store.finish_batch(&batch.id, status, output.as_ref(), errors.as_ref(), unix_now_ms()).await {
                     Ok(true) => {
                         self.release_credit(batch).await;
-                        let event = webhook::event(batch, status, output.as_ref().map(|f| f.id.as_str()), errors.as_ref().map(|f| f.id.as_str()));
-                        self.notify(batch, event).await;
+                        let (out, err) = (output.as_ref().map(|f| f.id.as_str()), errors.as_ref().map(|f| f.id.as_str()));
+                        Self::lock(&self.progress).remove(&batch.id);
+                        self.notify(batch, webhook::event(batch, status, status, out, err), webhook::MAX_ATTEMPTS).await;
                     }
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, batch = %batch.id, "could not finish a batch"),
@@ -262,7 +289,7 @@ impl Worker {
 
     /// Sends the batch's terminal event to its webhook, or its organisation's default one, in
     /// the background (retries included).
-    async fn notify(&self, batch: &BatchRecord, event: serde_json::Value) {
+    async fn notify(&self, batch: &BatchRecord, event: serde_json::Value, attempts: u32) {
         let batches = &self.state.batches;
         let target = match (&batch.webhook_url, &batch.webhook_secret) {
             (Some(url), Some(secret)) => Some(webhook::Target { url: url.clone(), secret: secret.clone() }),
@@ -279,7 +306,7 @@ impl Worker {
         let allow_private = batches.allow_private_webhooks;
         let batch_id = batch.id.clone();
         tokio::spawn(async move {
-            let (attempts, delivered) = webhook::deliver(target, event, base, allow_private).await;
+            let (attempts, delivered) = webhook::deliver(target, event, base, allow_private, attempts).await;
             if !delivered {
                 tracing::warn!(batch = %batch_id, attempts, "webhook not delivered; giving up");
             }

@@ -123,6 +123,8 @@ pub struct BatchSettings {
     /// Delay before the first retry of a failed webhook delivery, in milliseconds; each retry
     /// doubles it (the default spreads 8 deliveries over about 24 hours).
     pub webhook_retry_base_ms: u64,
+    /// Least time between two `batch.progress` events of one batch, in milliseconds.
+    pub webhook_progress_ms: u64,
 }
 
 /// `[security]`
@@ -146,6 +148,7 @@ impl Default for BatchSettings {
             poll_ms: 200,
             worker: true,
             webhook_retry_base_ms: 675_000,
+            webhook_progress_ms: 30_000,
         }
     }
 }

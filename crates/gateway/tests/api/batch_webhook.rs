@@ -142,3 +142,37 @@ async fn unsafe_webhook_targets_are_refused() {
     let listed = call(&app, reqwest::Method::GET, &key, "/v1/batches", None).await;
     assert_eq!(listed.body["data"], json!([]), "nothing was created");
 }
+
+#[tokio::test]
+async fn progress_events_come_at_most_every_interval_while_items_finish() {
+    let extra_toml = "[security]\nallow_private_webhook_targets = true\n\n[batch]\nconcurrency = 1\nwebhook_progress_ms = 300\n".to_owned();
+    let app = spawn_app_with(Options { extra_toml, ..Options::default() }).await;
+    let (org, management) = new_org(&app, "USD").await;
+    grant(&app, &org, "1").await;
+    let (key, _) = new_key(&app, &management, json!({"name": "hooks"})).await;
+    app.mock.set_scenario(mock_upstream::Scenario { delay_ms: 60, ..mock_upstream::Scenario::default() });
+    let (url, received) = receiver(0).await;
+    let items: Vec<Value> = (0..10)
+        .map(|i| json!({"customer_item_id": format!("p{i}"), "model": "test/openai-chat", "input": {"input": "slow"}}))
+        .collect();
+    let created = create(&app, &key, "progress-batch-1", &json!({"items": items, "webhook": {"url": url, "secret": "progress-secret"}})).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        let got: Vec<Value> = received.lock().unwrap().iter().map(|(_, body)| serde_json::from_str(body).unwrap()).collect();
+        if got.iter().any(|e| e["type"] == "batch.completed") {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "no completion event: {got:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let progress: Vec<&Value> = events.iter().filter(|e| e["type"] == "batch.progress").collect();
+    assert!(!progress.is_empty(), "{events:?}");
+    let done: Vec<u64> = progress.iter().map(|e| e["data"]["items_completed"].as_u64().unwrap()).collect();
+    assert!(done.windows(2).all(|w| w[0] < w[1]) && done.iter().all(|d| (1..10).contains(d)), "{done:?}");
+    assert!(progress.iter().all(|e| e["data"]["status"] == "in_progress"));
+    let most = started.elapsed().as_millis() as usize / 300 + 1;
+    assert!(progress.len() <= most, "at most one per 300 ms: {} events in {:?}", progress.len(), started.elapsed());
+    assert_eq!(events.last().unwrap()["type"], "batch.completed");
+}
