@@ -70,6 +70,48 @@ fn in_currency(fx: &Fx, money: crate::money::Money, to: Currency) -> Decimal {
     fx.convert(money, to).amount
 }
 
+/// Adds an item's lanes (its planned routes, and the routes its plan excluded) and returns
+/// its cost on the selected lane.
+fn add_lanes(lanes: &mut BTreeMap<(String, String), Value>, planned: &Planned, fx: &Fx, currency: Currency) -> Decimal {
+    let mut primary = Decimal::ZERO;
+    for (rank, candidate) in planned.plan.candidates.iter().enumerate() {
+        let cost = in_currency(fx, candidate.route.price.cost(planned.tokens), currency);
+        if rank == 0 {
+            primary = cost;
+        }
+        let lane = lanes.entry((planned.model.clone(), candidate.route.label())).or_insert_with(|| {
+            let price = &candidate.route.price;
+            json!({
+                "lane_id": format!("{}:{}", planned.model, candidate.route.label()),
+                "kind": "realtime",
+                "model": planned.model,
+                "provider": candidate.route.provider.id,
+                "region": candidate.route.provider.config.region,
+                "price_per_mtok": {"input": price.input_per_mtok.to_string(), "output": price.output_per_mtok.to_string(), "currency": price.currency.code()},
+                "selected": rank == 0,
+                "role": if rank == 0 { "primary" } else { "failover" },
+                "items": 0,
+                "estimated_cost": "0",
+            })
+        });
+        lane["items"] = json!(lane["items"].as_u64().unwrap_or(0) + 1);
+        let so_far: Decimal = lane["estimated_cost"].as_str().and_then(|s| s.parse().ok()).unwrap_or_default();
+        lane["estimated_cost"] = json!((so_far + cost).normalize().to_string());
+    }
+    for skipped in &planned.plan.skipped {
+        lanes.entry((planned.model.clone(), skipped.route.clone())).or_insert_with(|| {
+            json!({
+                "lane_id": format!("{}:{}", planned.model, skipped.route),
+                "kind": "realtime",
+                "model": planned.model,
+                "selected": false,
+                "rejection": {"reason": skipped.reason},
+            })
+        });
+    }
+    primary
+}
+
 /// The quote.
 pub fn quote(state: &AppState, principal: &Principal, request: QuoteRequest) -> Result<Value, ApiError> {
     if request.items.is_empty() || request.items.len() > MAX_SAMPLE {
@@ -82,41 +124,7 @@ pub fn quote(state: &AppState, principal: &Principal, request: QuoteRequest) -> 
     let mut sample_cost = Decimal::ZERO;
     for (index, value) in request.items.into_iter().enumerate() {
         let planned = plan_item(state, principal, index, value)?;
-        for (rank, candidate) in planned.plan.candidates.iter().enumerate() {
-            let cost = in_currency(fx, candidate.route.price.cost(planned.tokens), currency);
-            if rank == 0 {
-                sample_cost += cost;
-            }
-            let lane = lanes.entry((planned.model.clone(), candidate.route.label())).or_insert_with(|| {
-                let price = &candidate.route.price;
-                json!({
-                    "lane_id": format!("{}:{}", planned.model, candidate.route.label()),
-                    "kind": "realtime",
-                    "model": planned.model,
-                    "provider": candidate.route.provider.id,
-                    "region": candidate.route.provider.config.region,
-                    "price_per_mtok": {"input": price.input_per_mtok.to_string(), "output": price.output_per_mtok.to_string(), "currency": price.currency.code()},
-                    "selected": rank == 0,
-                    "role": if rank == 0 { "primary" } else { "failover" },
-                    "items": 0,
-                    "estimated_cost": "0",
-                })
-            });
-            lane["items"] = json!(lane["items"].as_u64().unwrap_or(0) + 1);
-            let so_far: Decimal = lane["estimated_cost"].as_str().and_then(|s| s.parse().ok()).unwrap_or_default();
-            lane["estimated_cost"] = json!((so_far + cost).normalize().to_string());
-        }
-        for skipped in &planned.plan.skipped {
-            lanes.entry((planned.model.clone(), skipped.route.clone())).or_insert_with(|| {
-                json!({
-                    "lane_id": format!("{}:{}", planned.model, skipped.route),
-                    "kind": "realtime",
-                    "model": planned.model,
-                    "selected": false,
-                    "rejection": {"reason": skipped.reason},
-                })
-            });
-        }
+        sample_cost += add_lanes(&mut lanes, &planned, fx, currency);
     }
     let per_item = sample_cost / Decimal::from(sample);
     let estimated_items = request.estimated_items.unwrap_or(sample);
