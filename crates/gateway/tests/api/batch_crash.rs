@@ -172,18 +172,23 @@ async fn two_instances_on_postgres_share_a_batch_without_doing_an_item_twice() {
         return;
     }
     let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let upstream = MockUpstream::start_with(local, Scenario { delay_ms: 20, ..Scenario::default() }).await.expect("upstream");
+    // Each instance calls an upstream of its own, so that who ran what can be counted.
+    let first = MockUpstream::start_with(local, Scenario { delay_ms: 20, ..Scenario::default() }).await.expect("upstream");
+    let second = MockUpstream::start_with(local, Scenario { delay_ms: 20, ..Scenario::default() }).await.expect("upstream");
     let data = Data { dir: tempfile::tempdir().expect("temp dir"), database: Some(TestDatabase::create().await) };
-    let config = data.dir.path().join("marga.toml");
-    std::fs::write(&config, config_toml(&upstream)).expect("write config");
+    let configs = [data.dir.path().join("one.toml"), data.dir.path().join("two.toml")];
+    std::fs::write(&configs[0], config_toml(&first)).expect("write config");
+    std::fs::write(&configs[1], config_toml(&second)).expect("write config");
     let key = format!("marga_mk_test_{}", uuid::Uuid::new_v4().simple());
     let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client");
     // Both instances share the data directory too (the documented multi-instance setup).
-    let one = Gateway::start(&config, &data, &key, "one").await;
-    let two = Gateway::start(&config, &data, &key, "two").await;
+    let one = Gateway::start(&configs[0], &data, &key, "one").await;
+    let two = Gateway::start(&configs[1], &data, &key, "two").await;
     let id = start_batch(&client, &one, &key).await;
     let terminal = |b: &Value| matches!(b["status"].as_str(), Some("completed" | "failed" | "cancelled"));
     let done = wait_until(&client, &two, &key, &id, terminal).await;
     assert_exactly_once(&client, &two, &key, &data, &done).await;
-    assert_eq!(upstream.requests(), ITEMS as u64, "no item ran twice");
+    let (a, b) = (first.requests(), second.requests());
+    assert_eq!(a + b, ITEMS as u64, "no item ran twice ({a} + {b})");
+    assert!(a > 0 && b > 0, "both instances took part ({a} + {b})");
 }
