@@ -1,5 +1,5 @@
 //! File bodies on disk: written chunk by chunk as they arrive (never held whole in memory)
-//! to `<id>.part`, synced and renamed into place; JSONL checked line by line on the way, with
+//! to `<id>.<random>.part`, synced and renamed into place; JSONL checked line by line on the way, with
 //! errors that name the line. Batch input lines must be
 //! `{"custom_id": "…", "method": "POST", "url": "/v1/…", "body": {…}}` (OpenAI) or
 //! `{"customer_item_id", "operation", "model", "input"}` (BatchRouter).
@@ -116,7 +116,8 @@ pub struct Writing {
 
 impl Writing {
     pub async fn create(target: PathBuf) -> Result<Writing, ApiError> {
-        let part = target.with_extension("part");
+        // A name of its own: two instances finalizing one batch never write the same file.
+        let part = target.with_extension(format!("{}.part", uuid::Uuid::new_v4().simple()));
         let file = tokio::fs::File::create(&part).await.map_err(io_error)?;
         Ok(Writing { file, part, target, bytes: 0 })
     }

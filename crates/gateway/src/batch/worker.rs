@@ -250,9 +250,12 @@ impl Worker {
                     self.finalize(batch, "completed").await;
                 }
             }
-            // A finalization that did not finish (the instance died): done again, idempotently.
-            "finalizing" if batch.completed + batch.failed < batch.total => self.finalize(batch, "expired").await,
-            "finalizing" => self.finalize(batch, "completed").await,
+            // A finalization that did not finish within a lease (the instance died): done
+            // again, idempotently (same file names, same content, one `finish_batch` wins).
+            "finalizing" if now - batch.finalizing_at_ms.unwrap_or(0) > self.lease.as_millis() as i64 => {
+                let status = if batch.completed + batch.failed < batch.total { "expired" } else { "completed" };
+                self.finalize(batch, status).await;
+            }
             "cancelling" if store.cancel_pending_items(&batch.id, now).await? == 0 => self.finalize(batch, "cancelled").await,
             _ => {}
         }
