@@ -88,6 +88,23 @@ pub struct ItemResult {
     pub is_error: bool,
 }
 
+/// A webhook event to deliver, and how its delivery is going.
+#[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct DeliveryRecord {
+    /// The event id (`evt_…`).
+    pub id: String,
+    pub batch_id: String,
+    pub url: String,
+    pub secret: String,
+    /// The signed body, exactly as sent.
+    pub body: String,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub next_at_ms: i64,
+    /// `pending`, `delivered` or `failed`.
+    pub state: String,
+}
+
 pub trait FileRepo: Send + Sync {
     fn create_file<'a>(&'a self, file: &'a FileRecord) -> BoxFuture<'a, Result<(), StoreError>>;
     /// The organisation's file `id` (another organisation's id is `None`).
@@ -181,6 +198,32 @@ pub trait BatchRepo: Send + Sync {
         now_ms: i64,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 }
+
+/// Webhook deliveries, claimed with a lease like batch items.
+pub trait DeliveryRepo: Send + Sync {
+    fn enqueue_delivery<'a>(&'a self, delivery: &'a DeliveryRecord) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Claims up to `limit` pending deliveries due at `now_ms` (and not held by a live claim)
+    /// for `owner` until `lease_until_ms`.
+    fn claim_deliveries<'a>(
+        &'a self,
+        owner: &'a str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<DeliveryRecord>, StoreError>>;
+    /// Records the outcome of `owner`'s attempt: the new state, attempts and next time.
+    fn finish_delivery<'a>(
+        &'a self,
+        id: &'a str,
+        owner: &'a str,
+        state: &'a str,
+        attempts: i64,
+        next_at_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn get_delivery<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<DeliveryRecord>, StoreError>>;
+}
+
+pub(crate) const DELIVERY_COLUMNS: &str = "id, batch_id, url, secret, body, attempts, max_attempts, next_at_ms, state";
 
 /// The `*_at_ms` columns [`BatchRepo::set_batch_status`] may stamp.
 pub const BATCH_TIME_COLUMNS: [&str; 5] =

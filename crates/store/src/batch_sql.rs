@@ -30,12 +30,12 @@ pub(crate) fn numbered(sql: &'static str) -> Cow<'static, str> {
 pub(crate) const ITEM_CHUNK: usize = 500;
 
 macro_rules! batch_repos {
-    ($store:ty, $db:ty, $q:path, $claim:expr) => {
+    ($store:ty, $db:ty, $q:path, $claim:expr, $claim_deliveries:expr) => {
         use sqlx::QueryBuilder;
 
         use crate::batch::{
-            BatchRecord, BatchRepo, ClaimedItem, FileRecord, FileRepo, ItemResult, NewItem, BATCH_COLUMNS,
-            BATCH_TIME_COLUMNS, FILE_COLUMNS,
+            BatchRecord, BatchRepo, ClaimedItem, DeliveryRecord, DeliveryRepo, FileRecord, FileRepo, ItemResult, NewItem,
+            BATCH_COLUMNS, BATCH_TIME_COLUMNS, DELIVERY_COLUMNS, FILE_COLUMNS,
         };
         use crate::batch_sql::ITEM_CHUNK;
         use crate::{BoxFuture, StoreError};
@@ -344,6 +344,72 @@ macro_rules! batch_repos {
                     let done = b.build().execute(&mut *tx).await?;
                     tx.commit().await?;
                     Ok(done.rows_affected() > 0)
+                })
+            }
+        }
+
+        impl DeliveryRepo for $store {
+            fn enqueue_delivery<'a>(&'a self, d: &'a DeliveryRecord) -> BoxFuture<'a, Result<(), StoreError>> {
+                Box::pin(async move {
+                    let mut b = QueryBuilder::<$db>::new(format!("INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS}) "));
+                    b.push_values(std::iter::once(d), |mut row, d| {
+                        row.push_bind(&d.id)
+                            .push_bind(&d.batch_id)
+                            .push_bind(&d.url)
+                            .push_bind(&d.secret)
+                            .push_bind(&d.body)
+                            .push_bind(d.attempts)
+                            .push_bind(d.max_attempts)
+                            .push_bind(d.next_at_ms)
+                            .push_bind(&d.state);
+                    });
+                    b.push(" ON CONFLICT (id) DO NOTHING");
+                    b.build().execute(&self.pool).await?;
+                    Ok(())
+                })
+            }
+
+            fn claim_deliveries<'a>(
+                &'a self,
+                owner: &'a str,
+                now_ms: i64,
+                lease_until_ms: i64,
+                limit: i64,
+            ) -> BoxFuture<'a, Result<Vec<DeliveryRecord>, StoreError>> {
+                Box::pin(async move {
+                    let claimed = sqlx::query_as($claim_deliveries)
+                        .bind(owner)
+                        .bind(lease_until_ms)
+                        .bind(now_ms)
+                        .bind(now_ms)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await?;
+                    Ok(claimed)
+                })
+            }
+
+            fn finish_delivery<'a>(
+                &'a self,
+                id: &'a str,
+                owner: &'a str,
+                state: &'a str,
+                attempts: i64,
+                next_at_ms: i64,
+            ) -> BoxFuture<'a, Result<bool, StoreError>> {
+                Box::pin(async move {
+                    let sql = $q("UPDATE webhook_deliveries SET state = ?, attempts = ?, next_at_ms = ?, owner = NULL, lease_until_ms = 0 \
+                         WHERE id = ? AND owner = ?");
+                    let done = sqlx::query(&sql).bind(state).bind(attempts).bind(next_at_ms).bind(id).bind(owner).execute(&self.pool).await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            }
+
+            fn get_delivery<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<DeliveryRecord>, StoreError>> {
+                Box::pin(async move {
+                    let mut b = QueryBuilder::<$db>::new(format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = "));
+                    b.push_bind(id);
+                    Ok(b.build_query_as().fetch_optional(&self.pool).await?)
                 })
             }
         }

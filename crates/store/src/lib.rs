@@ -24,7 +24,10 @@ pub use accounts::{
     AccountRepo, Charge, GuardrailRecord, KeyRecord, LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord,
     WorkspaceRecord,
 };
-pub use batch::{BatchRecord, BatchRepo, ClaimedItem, FileRecord, FileRepo, ItemResult, NewItem, BATCH_TIME_COLUMNS};
+pub use batch::{
+    BatchRecord, BatchRepo, ClaimedItem, DeliveryRecord, DeliveryRepo, FileRecord, FileRepo, ItemResult, NewItem,
+    BATCH_TIME_COLUMNS,
+};
 pub use postgres::PgStore;
 pub use health::{HealthRepo, RouteHealthRecord};
 pub use record::{ChainRecord, GenerationRecord};
@@ -74,7 +77,17 @@ pub trait ChainRepo: Send + Sync {
 /// Every repository, as one object: what [`open`] returns. `Arc<dyn Repos>` coerces to
 /// `Arc<dyn SettingsRepo>`, `Arc<dyn LedgerRepo>`, … (trait upcasting, Rust 1.86+).
 pub trait Repos:
-    SettingsRepo + GenerationRepo + ChainRepo + AccountRepo + LedgerRepo + HealthRepo + FileRepo + BatchRepo + Send + Sync
+    SettingsRepo
+    + GenerationRepo
+    + ChainRepo
+    + AccountRepo
+    + LedgerRepo
+    + HealthRepo
+    + FileRepo
+    + BatchRepo
+    + DeliveryRepo
+    + Send
+    + Sync
 {
 }
 
@@ -87,6 +100,7 @@ impl<T> Repos for T where
         + HealthRepo
         + FileRepo
         + BatchRepo
+        + DeliveryRepo
         + Send
         + Sync
         + ?Sized

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marga_store::{
-    BatchRecord, FileRecord, NewItem,
+    BatchRecord, DeliveryRecord, FileRecord, NewItem,
     AccountRepo, ChainRecord, ChainRepo, Charge, GenerationRecord, GenerationRepo, GuardrailRecord, KeyRecord,
     LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord, Repos, SettingsRepo, StoreError, WorkspaceRecord,
 };
@@ -182,6 +182,7 @@ suite!(
     files_crud_paging_and_isolation,
     batch_items_are_claimed_and_completed_exactly_once,
     batch_status_cancel_and_finish,
+    webhook_deliveries_are_claimed_once_and_retried,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1247,4 +1248,37 @@ async fn batch_status_cancel_and_finish(ctx: &Ctx) {
     let late = BatchRecord { expires_at_ms: now - 1, ..batch("batch-7", "org-1", 2) };
     repos.create_batch(&late, &items(2)).await.unwrap();
     assert!(repos.claim_items("w3", now, now + 60_000, 100).await.unwrap().iter().all(|i| i.batch_id != "batch-7"));
+}
+
+async fn webhook_deliveries_are_claimed_once_and_retried(ctx: &Ctx) {
+    let repos = ctx.repos.as_ref();
+    let now = now_ms();
+    let delivery = DeliveryRecord {
+        id: "evt_1".to_owned(),
+        batch_id: "batch-1".to_owned(),
+        url: "https://hooks.example/x".to_owned(),
+        secret: "secret-123".to_owned(),
+        body: r#"{"type":"batch.completed"}"#.to_owned(),
+        attempts: 0,
+        max_attempts: 8,
+        next_at_ms: now,
+        state: "pending".to_owned(),
+    };
+    repos.enqueue_delivery(&delivery).await.unwrap();
+    repos.enqueue_delivery(&delivery).await.unwrap(); // the same event twice: one row
+    repos.enqueue_delivery(&DeliveryRecord { id: "evt_later".to_owned(), next_at_ms: now + 60_000, ..delivery.clone() }).await.unwrap();
+    let claimed = repos.claim_deliveries("w1", now, now + 30_000, 10).await.unwrap();
+    assert_eq!(claimed, vec![delivery.clone()], "only the due one");
+    assert!(repos.claim_deliveries("w2", now, now + 30_000, 10).await.unwrap().is_empty(), "held by w1");
+    assert!(!repos.finish_delivery("evt_1", "w2", "delivered", 1, now).await.unwrap(), "not w2's");
+    assert!(repos.finish_delivery("evt_1", "w1", "pending", 1, now + 1000).await.unwrap());
+    assert!(repos.claim_deliveries("w2", now + 500, now + 30_000, 10).await.unwrap().is_empty(), "not due yet");
+    let again = repos.claim_deliveries("w2", now + 1000, now + 31_000, 10).await.unwrap();
+    assert_eq!(again.iter().map(|d| (d.id.as_str(), d.attempts)).collect::<Vec<_>>(), [("evt_1", 1)]);
+    // A claim whose holder died is taken over once its lease has passed.
+    let taken = repos.claim_deliveries("w3", now + 40_000, now + 70_000, 10).await.unwrap();
+    assert_eq!(taken.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["evt_1"]);
+    assert!(repos.finish_delivery("evt_1", "w3", "delivered", 2, now).await.unwrap());
+    assert_eq!(repos.get_delivery("evt_1").await.unwrap().map(|d| (d.state, d.attempts)), Some(("delivered".to_owned(), 2)));
+    assert!(repos.claim_deliveries("w4", now + 100_000, now + 130_000, 10).await.unwrap().iter().all(|d| d.id != "evt_1"));
 }

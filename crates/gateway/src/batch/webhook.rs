@@ -5,7 +5,8 @@
 //! `X-BatchRouter-Signature` as the hex HMAC-SHA256 of the raw body with the webhook's secret.
 //! A non-2xx answer (or no answer within 10 s) is retried with exponential backoff, up to
 //! [`MAX_ATTEMPTS`] deliveries (spread over ~24 h by default: `[batch]
-//! webhook_retry_base_s`).
+//! webhook_retry_base_ms`). Deliveries are rows in the store, claimed by the batch worker
+//! like items, so retries survive a restart and are shared between instances.
 //!
 //! SSRF: a target must be `https` and every address its host resolves to must be public (not
 //! private, loopback, link-local, CGNAT, unspecified or multicast), checked when the webhook
@@ -124,24 +125,15 @@ pub fn event(batch: &BatchRecord, kind: &str, status: &str, output: Option<&str>
     })
 }
 
-/// Delivers `event` to `target`, up to `max_attempts` times with exponential backoff from
-/// `retry_base`; returns the number of attempts made and whether one succeeded.
-pub async fn deliver(target: Target, event: Value, retry_base: Duration, allow_private: bool, max_attempts: u32) -> (u32, bool) {
-    let body = event.to_string();
-    let signed = signature(&target.secret, body.as_bytes());
-    let mut delay = retry_base;
-    let max_attempts = max_attempts.clamp(1, MAX_ATTEMPTS);
-    for attempt in 1..=max_attempts {
-        match post_once(&target.url, &body, &signed, allow_private).await {
-            Ok(()) => return (attempt, true),
-            Err(reason) => tracing::info!(attempt, %reason, "webhook delivery failed"),
-        }
-        if attempt < max_attempts {
-            tokio::time::sleep(delay).await;
-            delay = delay.saturating_mul(2);
-        }
-    }
-    (max_attempts, false)
+/// When the retry after `attempts` failed deliveries is due: `retry_base` doubled for each
+/// failure after the first.
+pub fn retry_delay(retry_base: Duration, attempts: u32) -> Duration {
+    retry_base.saturating_mul(1u32 << attempts.saturating_sub(1).min(20))
+}
+
+/// One delivery of a signed body; `Err` says why it failed.
+pub async fn post(url: &str, body: &str, signed: &str, allow_private: bool) -> Result<(), String> {
+    post_once(url, body, signed, allow_private).await
 }
 
 async fn post_once(url: &str, body: &str, signed: &str, allow_private: bool) -> Result<(), String> {
@@ -194,6 +186,14 @@ mod tests {
         assert!(check(&target("https://8.8.8.8/hook"), false).await.is_ok());
         assert!(check(&target("http://127.0.0.1:9/hook"), true).await.is_ok(), "allowed by the operator");
         assert!(check(&Target { url: "https://8.8.8.8/".to_owned(), secret: "short".to_owned() }, false).await.is_err());
+    }
+
+    #[test]
+    fn retries_double_from_the_base() {
+        let base = Duration::from_secs(675);
+        let delays: Vec<u64> = (1..8).map(|a| retry_delay(base, a).as_secs()).collect();
+        assert_eq!(delays, [675, 1350, 2700, 5400, 10800, 21600, 43200]);
+        assert!(delays.iter().sum::<u64>() < 24 * 3600, "8 deliveries within a day");
     }
 
     #[test]

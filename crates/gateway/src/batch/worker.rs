@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use marga_store::{BatchRecord, ClaimedItem, FileRecord};
+use marga_store::{BatchRecord, ClaimedItem, DeliveryRecord, FileRecord};
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -35,6 +35,8 @@ const PAGE: i64 = 1000;
 const MAX_CLAIM: usize = 256;
 /// Batches the worker looks after per pass.
 const MAX_ACTIVE: i64 = 1000;
+/// How long a claimed webhook delivery is this worker's (longer than a delivery may take).
+const DELIVERY_LEASE_MS: i64 = 30_000;
 
 /// One semaphore per provider, created on first use.
 pub struct ProviderSlots {
@@ -95,6 +97,9 @@ impl Worker {
         loop {
             if let Err(e) = self.look_after_batches().await {
                 tracing::warn!(error = %e, "batch worker: could not look after batches");
+            }
+            if let Err(e) = self.deliver_due().await {
+                tracing::warn!(error = %e, "batch worker: could not read webhook deliveries");
             }
             let claimed = match self.claim().await {
                 Ok(n) => n,
@@ -290,8 +295,8 @@ impl Worker {
         }
     }
 
-    /// Sends the batch's terminal event to its webhook, or its organisation's default one, in
-    /// the background (retries included).
+    /// Queues an event for the batch's webhook, or its organisation's default one: delivered
+    /// (and retried, up to `attempts` times) by [`Worker::deliver_due`] on any instance.
     async fn notify(&self, batch: &BatchRecord, event: serde_json::Value, attempts: u32) {
         let batches = &self.state.batches;
         let target = match (&batch.webhook_url, &batch.webhook_secret) {
@@ -305,15 +310,56 @@ impl Worker {
             },
         };
         let Some(target) = target else { return };
-        let base = Duration::from_millis(batches.settings.webhook_retry_base_ms.max(1));
-        let allow_private = batches.allow_private_webhooks;
-        let batch_id = batch.id.clone();
-        tokio::spawn(async move {
-            let (attempts, delivered) = webhook::deliver(target, event, base, allow_private, attempts).await;
-            if !delivered {
-                tracing::warn!(batch = %batch_id, attempts, "webhook not delivered; giving up");
+        let delivery = DeliveryRecord {
+            id: event["id"].as_str().unwrap_or_default().to_owned(),
+            batch_id: batch.id.clone(),
+            url: target.url,
+            secret: target.secret,
+            body: event.to_string(),
+            attempts: 0,
+            max_attempts: i64::from(attempts),
+            next_at_ms: unix_now_ms(),
+            state: "pending".to_owned(),
+        };
+        if let Err(e) = batches.store.enqueue_delivery(&delivery).await {
+            tracing::warn!(error = %e, batch = %batch.id, "could not queue a webhook event");
+        }
+    }
+
+    /// Starts the webhook deliveries that are due.
+    async fn deliver_due(self: &Arc<Self>) -> Result<(), marga_store::StoreError> {
+        let now = unix_now_ms();
+        let until = now + DELIVERY_LEASE_MS;
+        for delivery in self.state.batches.store.claim_deliveries(&self.owner, now, until, 16).await? {
+            let worker = Arc::clone(self);
+            tokio::spawn(async move { worker.deliver_one(delivery).await });
+        }
+        Ok(())
+    }
+
+    /// One attempt; records delivered, failed (out of attempts) or when to try again.
+    async fn deliver_one(&self, d: DeliveryRecord) {
+        let batches = &self.state.batches;
+        let signed = webhook::signature(&d.secret, d.body.as_bytes());
+        let result = webhook::post(&d.url, &d.body, &signed, batches.allow_private_webhooks).await;
+        let attempts = d.attempts + 1;
+        let now = unix_now_ms();
+        let (state, next_at) = match result {
+            Ok(()) => ("delivered", now),
+            Err(reason) if attempts >= d.max_attempts => {
+                tracing::warn!(batch = %d.batch_id, attempts, %reason, "webhook not delivered; giving up");
+                ("failed", now)
             }
-        });
+            Err(reason) => {
+                tracing::info!(batch = %d.batch_id, attempts, %reason, "webhook delivery failed; will retry");
+                let base = Duration::from_millis(batches.settings.webhook_retry_base_ms.max(1));
+                let delay = webhook::retry_delay(base, u32::try_from(attempts).unwrap_or(u32::MAX));
+                ("pending", now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2))
+            }
+        };
+        if let Err(e) = batches.store.finish_delivery(&d.id, &self.owner, state, attempts, next_at).await {
+            tracing::warn!(error = %e, batch = %d.batch_id, "could not record a webhook delivery");
+        }
     }
 
     /// The output and error files (each only when it has lines), in item order.

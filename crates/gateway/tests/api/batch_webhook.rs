@@ -176,3 +176,33 @@ async fn progress_events_come_at_most_every_interval_while_items_finish() {
     assert!(progress.len() <= most, "at most one per 300 ms: {} events in {:?}", progress.len(), started.elapsed());
     assert_eq!(events.last().unwrap()["type"], "batch.completed");
 }
+
+#[tokio::test]
+async fn a_pending_retry_survives_a_restart() {
+    let extra_toml = "[security]\nallow_private_webhook_targets = true\n\n[batch]\nwebhook_retry_base_ms = 1500\n".to_owned();
+    let app = spawn_app_with(Options { extra_toml, ..Options::default() }).await;
+    let (org, management) = new_org(&app, "USD").await;
+    grant(&app, &org, "1").await;
+    let (key, _) = new_key(&app, &management, json!({"name": "hooks"})).await;
+    let (url, received) = receiver(1).await;
+    let created = create(&app, &key, "restart-hook-1", &json!({"items": items(1), "webhook": {"url": url, "secret": "restart-secret"}})).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let first = wait_deliveries(&received, 1).await;
+    // The first delivery failed; the retry is due in 1.5 s. Restart meanwhile.
+    let app = app.restart().await;
+    let both = wait_deliveries(&received, 2).await;
+    assert_eq!(both[1].1, first[0].1, "the same event after the restart");
+    assert_eq!(both[1].0, hmac_hex("restart-secret", &both[1].1));
+    let event: Value = serde_json::from_str(&both[1].1).unwrap();
+    let id = event["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let delivery = app.store.get_delivery(id).await.unwrap().unwrap();
+        if delivery.state == "delivered" {
+            assert_eq!(delivery.attempts, 2);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{delivery:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -66,3 +66,22 @@ CREATE TABLE batch_items (
 );
 
 CREATE INDEX batch_items_claimable ON batch_items (state, lease_until_ms);
+
+-- Webhook events waiting to be delivered (or retried): claimed like items, so that a restart
+-- or another instance carries on with the retries.
+CREATE TABLE webhook_deliveries (
+    id             TEXT PRIMARY KEY NOT NULL,
+    batch_id       TEXT NOT NULL,
+    url            TEXT NOT NULL,
+    secret         TEXT NOT NULL,
+    body           TEXT NOT NULL,
+    attempts       BIGINT NOT NULL DEFAULT 0,
+    max_attempts   BIGINT NOT NULL,
+    next_at_ms     BIGINT NOT NULL,
+    owner          TEXT,
+    lease_until_ms BIGINT NOT NULL DEFAULT 0,
+    -- pending → delivered | failed
+    state          TEXT NOT NULL
+);
+
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_at_ms);

@@ -19,4 +19,9 @@ impl PgStore {
     }
 }
 
-crate::batch_sql::batch_repos!(PgStore, sqlx::Postgres, crate::batch_sql::numbered, CLAIM_SQL);
+const CLAIM_DELIVERIES_SQL: &str = "UPDATE webhook_deliveries SET owner = $1, lease_until_ms = $2 \
+     WHERE id IN (SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_at_ms <= $3 AND lease_until_ms < $4 \
+         ORDER BY next_at_ms LIMIT $5 FOR UPDATE SKIP LOCKED) \
+     RETURNING id, batch_id, url, secret, body, attempts, max_attempts, next_at_ms, state";
+
+crate::batch_sql::batch_repos!(PgStore, sqlx::Postgres, crate::batch_sql::numbered, CLAIM_SQL, CLAIM_DELIVERIES_SQL);

@@ -9,4 +9,9 @@ const CLAIM_SQL: &str = "UPDATE batch_items SET state = 'running', owner = ?, le
          ORDER BY b.id, i.idx LIMIT ?) \
      RETURNING batch_id, idx, custom_id, body, attempts";
 
-crate::batch_sql::batch_repos!(SqliteStore, sqlx::Sqlite, crate::batch_sql::plain, CLAIM_SQL);
+const CLAIM_DELIVERIES_SQL: &str = "UPDATE webhook_deliveries SET owner = ?, lease_until_ms = ? \
+     WHERE id IN (SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_at_ms <= ? AND lease_until_ms < ? \
+         ORDER BY next_at_ms LIMIT ?) \
+     RETURNING id, batch_id, url, secret, body, attempts, max_attempts, next_at_ms, state";
+
+crate::batch_sql::batch_repos!(SqliteStore, sqlx::Sqlite, crate::batch_sql::plain, CLAIM_SQL, CLAIM_DELIVERIES_SQL);
