@@ -2,7 +2,7 @@
 //!
 //! Architecture invariant: this is the only crate that contains SQL. The gateway sees
 //! repository traits ([`SettingsRepo`], [`GenerationRepo`], [`ChainRepo`], [`AccountRepo`],
-//! [`LedgerRepo`], [`FileRepo`], [`BatchRepo`], all of them together as [`Repos`]) and plain record structs; which database
+//! [`LedgerRepo`], [`FileRepo`], [`BatchRepo`], [`DeliveryRepo`], all of them together as [`Repos`]) and plain record structs; which database
 //! sits behind them is decided once, at start, by [`open`]: SQLite ([`SqliteStore`], embedded,
 //! the default) or Postgres ([`PgStore`], for several instances sharing one database).
 
