@@ -94,12 +94,17 @@ impl Worker {
 
     async fn run(self: Arc<Self>) {
         let poll = Duration::from_millis(self.state.batches.settings.poll_ms.max(10));
+        // Deliveries are looked for at most once per poll interval, not on every claim.
+        let mut last_delivery_check = std::time::Instant::now().checked_sub(poll).unwrap_or_else(std::time::Instant::now);
         loop {
             if let Err(e) = self.look_after_batches().await {
                 tracing::warn!(error = %e, "batch worker: could not look after batches");
             }
-            if let Err(e) = self.deliver_due().await {
-                tracing::warn!(error = %e, "batch worker: could not read webhook deliveries");
+            if last_delivery_check.elapsed() >= poll {
+                last_delivery_check = std::time::Instant::now();
+                if let Err(e) = self.deliver_due().await {
+                    tracing::warn!(error = %e, "batch worker: could not read webhook deliveries");
+                }
             }
             let claimed = match self.claim().await {
                 Ok(n) => n,
