@@ -41,6 +41,9 @@ enum Mode {
     Free,
     /// Everyone else: reserved at admission, charged at settlement.
     Limited { reservation: Reservation, hold: Hold },
+    /// A batch item: its credit was reserved with the batch (a lease of its own); charged
+    /// against that lease.
+    BatchLease { lease_id: String, hold: Hold },
 }
 
 /// A request's money, from admission to settlement. Dropped unsettled (the request failed
@@ -109,6 +112,40 @@ impl Admission {
             other => ApiError::Unavailable { message: format!("the credit ledger is unavailable: {other}") },
         })?;
         Ok(billing(Mode::Limited { reservation, hold }))
+    }
+
+    /// A batch item's billing: the spend caps are held for `max_cost` as for a request, the
+    /// credit comes from the batch's lease (reserved when the batch was created).
+    pub async fn reserve_batch_item(&self, principal: &Principal, max_cost: Money, lease_id: &str) -> Result<Billing, ApiError> {
+        let org = &principal.org;
+        let amount = decimal_to_nanos_ceil(self.fx.convert(max_cost, org.currency).amount);
+        let caps = self.caps(principal);
+        let hold = self.spend.hold(&caps, org.timezone, amount).await.map_err(|over| ApiError::BudgetExceeded {
+            message: format!("{} ({} {}) would be exceeded", over.label, over.cap, org.currency),
+        })?;
+        Ok(Billing {
+            mode: Mode::BatchLease { lease_id: lease_id.to_owned(), hold },
+            org: Arc::clone(org),
+            key_id: principal.key.id.clone(),
+            workspace_id: principal.key.workspace_id.clone(),
+            ledger: Arc::clone(&self.ledger),
+            fx: self.fx.clone(),
+        })
+    }
+
+    /// Reserves a whole batch's maximum cost as a lease of its own (see
+    /// [`Ledger::open_batch_lease`]); `None` for payers that are not limited (the master key's
+    /// organisation is metered, trial keys are free).
+    pub async fn reserve_batch(&self, principal: &Principal, max_cost: Money, batch_id: &str, until_ms: i64) -> Result<Option<String>, ApiError> {
+        if principal.is_master() || principal.key.trial {
+            return Ok(None);
+        }
+        let amount = decimal_to_nanos_ceil(self.fx.convert(max_cost, principal.org.currency).amount);
+        match self.ledger.open_batch_lease(&principal.org.id, amount, batch_id, until_ms).await {
+            Ok(lease) => Ok(Some(lease)),
+            Err(LedgerError::Insufficient) => Err(ApiError::InsufficientCredits),
+            Err(other) => Err(ApiError::Unavailable { message: format!("the credit ledger is unavailable: {other}") }),
+        }
     }
 
     fn caps(&self, principal: &Principal) -> Vec<Cap> {
@@ -200,6 +237,10 @@ impl Billing {
             Mode::Limited { reservation, hold } => {
                 hold.settle(nanos);
                 self.ledger.settle(reservation, entry).await
+            }
+            Mode::BatchLease { lease_id, hold } => {
+                hold.settle(nanos);
+                self.ledger.charge_lease(&lease_id, entry).await
             }
         };
         result.map_err(|e| ApiError::Unavailable { message: format!("could not record the charge: {e}") })

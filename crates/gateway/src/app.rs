@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::accounts::Accounts;
 use crate::admission::Admission;
 use crate::auth::MasterKey;
+use crate::batch::Batches;
 use crate::budget::SpendTracker;
 use crate::config::Config;
 use crate::http::{router, AppState, ModelPages, UsageState};
@@ -105,6 +106,10 @@ impl App {
             trial_keys: config.billing.trial_keys,
             fx: config.fx.clone(),
         };
+        let secret = crate::batch::artifact_secret(store.as_ref()).await?;
+        let allow_private = config.security.allow_private_webhook_targets;
+        let batches = Batches::new(store.clone(), &config.data_dir, config.batch.clone(), secret, allow_private)
+            .map_err(|source| StartError::DataDir { source })?;
         let state = AppState {
             model_pages: Arc::new(ModelPages::render(&registry)),
             usage: Arc::new(UsageState::new(store.clone())),
@@ -114,7 +119,12 @@ impl App {
             routing: Arc::new(Routing::new(config.routing.clone(), chains)),
             prometheus,
             max_body: config.server.max_body_bytes,
+            batches: Arc::new(batches),
         };
+        let mut background = background;
+        if config.batch.worker {
+            background.extend(crate::batch::worker::Worker::spawn(state.clone()));
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;

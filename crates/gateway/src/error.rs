@@ -56,6 +56,9 @@ pub enum ApiError {
     AllRoutesFailed { provider: String, source: ProviderError },
     #[error("the request timed out after {0:?}")]
     Timeout(Duration),
+    /// A batch refused before anything ran; `problems` become `error.details.preflight`.
+    #[error("{message}")]
+    Preflight { message: String, problems: Vec<serde_json::Value> },
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -79,7 +82,7 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidRequest { .. } | ApiError::NoRoute { .. } => StatusCode::BAD_REQUEST,
+            ApiError::InvalidRequest { .. } | ApiError::NoRoute { .. } | ApiError::Preflight { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -112,6 +115,7 @@ impl ApiError {
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::ModelNotFound { .. } | ApiError::ModelNotFoundAt { .. } => "model_not_found",
             ApiError::NoRoute { .. } => "no_route",
+            ApiError::Preflight { .. } => "preflight_failed",
             ApiError::UpstreamRejected { .. } => "upstream_rejected",
             ApiError::UpstreamRateLimited { .. } => "rate_limit_exceeded",
             ApiError::AllRoutesFailed { .. } => "all_routes_failed",
@@ -179,6 +183,10 @@ impl ApiError {
                 code: Some(serde_json::Value::String(self.code().to_owned())),
                 param: self.param(),
                 metadata: self.metadata(),
+                details: match self {
+                    ApiError::Preflight { problems, .. } => Some(serde_json::json!({ "preflight": problems })),
+                    _ => None,
+                },
             },
         }
     }

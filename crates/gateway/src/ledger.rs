@@ -205,6 +205,32 @@ impl Ledger {
         self.commit(charge).await
     }
 
+    /// Reserves `amount_nanos` of `org_id`'s credit for a batch: a lease of its own, in the
+    /// database (so every instance charges against it, and it survives restarts), live until
+    /// `expires_at_ms` or until the batch ends and closes it. Insufficient when not covered.
+    pub async fn open_batch_lease(&self, org_id: &str, amount_nanos: i64, batch_id: &str, expires_at_ms: i64) -> Result<String, LedgerError> {
+        let now = unix_now_ms();
+        let lease = LeaseRecord {
+            id: format!("lease-{}", uuid::Uuid::now_v7().simple()),
+            org_id: org_id.to_owned(),
+            amount_nanos: amount_nanos.max(0),
+            used_nanos: 0,
+            holder: format!("batch:{batch_id}"),
+            expires_at_ms,
+            closed: false,
+            created_at_ms: now,
+        };
+        if !self.repo.open_lease(&lease).await? {
+            return Err(LedgerError::Insufficient);
+        }
+        Ok(lease.id)
+    }
+
+    /// Charges against a batch's lease (durably, like [`Ledger::settle`]).
+    pub async fn charge_lease(&self, lease_id: &str, entry: LedgerEntry) -> Result<(), LedgerError> {
+        self.commit(Charge { entry, lease_id: Some(lease_id.to_owned()) }).await
+    }
+
     /// Charges an organisation that is metered but not limited (no reservation).
     pub async fn charge_unreserved(&self, entry: LedgerEntry) -> Result<(), LedgerError> {
         self.commit(Charge { entry, lease_id: None }).await

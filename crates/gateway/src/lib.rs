@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod batch;
 pub mod budget;
 pub mod config;
 pub mod error;

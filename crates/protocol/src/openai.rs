@@ -673,4 +673,7 @@ pub struct ErrorBody {
     pub param: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+    /// BatchRouter's structured details (`{"preflight": [...]}` on a refused batch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
 }

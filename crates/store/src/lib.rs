@@ -2,12 +2,14 @@
 //!
 //! Architecture invariant: this is the only crate that contains SQL. The gateway sees
 //! repository traits ([`SettingsRepo`], [`GenerationRepo`], [`UsageRepo`], [`ChainRepo`],
-//! [`AccountRepo`], [`LedgerRepo`], [`MemberRepo`], [`RateRepo`], all of them together as
-//! [`Repos`]) and plain record structs; which database
+//! [`AccountRepo`], [`LedgerRepo`], [`MemberRepo`], [`RateRepo`], [`FileRepo`], [`BatchRepo`],
+//! [`DeliveryRepo`], all of them together as [`Repos`]) and plain record structs; which database
 //! sits behind them is decided once, at start, by [`open`]: SQLite ([`SqliteStore`], embedded,
 //! the default) or Postgres ([`PgStore`], for several instances sharing one database).
 
 mod accounts;
+mod batch;
+mod batch_sql;
 mod health;
 mod members;
 mod postgres;
@@ -25,6 +27,10 @@ use std::sync::Arc;
 pub use accounts::{
     AccountRepo, Charge, GuardrailRecord, KeyRecord, LeaseRecord, LedgerEntry, LedgerRepo, MemberRecord, OrgRecord,
     WorkspaceRecord,
+};
+pub use batch::{
+    BatchRecord, BatchRepo, ClaimedItem, DeliveryRecord, DeliveryRepo, FileRecord, FileRepo, ItemResult, NewItem,
+    BATCH_TIME_COLUMNS,
 };
 pub use postgres::PgStore;
 pub use health::{HealthRepo, RouteHealthRecord};
@@ -87,6 +93,9 @@ pub trait Repos:
     + HealthRepo
     + MemberRepo
     + RateRepo
+    + FileRepo
+    + BatchRepo
+    + DeliveryRepo
     + Send
     + Sync
 {
@@ -102,6 +111,9 @@ impl<T> Repos for T where
         + HealthRepo
         + MemberRepo
         + RateRepo
+        + FileRepo
+        + BatchRepo
+        + DeliveryRepo
         + Send
         + Sync
         + ?Sized

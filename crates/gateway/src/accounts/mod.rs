@@ -290,6 +290,18 @@ impl Accounts {
         Ok(Principal { org: org.clone(), key: key.clone(), role })
     }
 
+    /// The principal of key `key_id` of organisation `org_id`, for work done later on its
+    /// behalf (batch items); `None` once the key is gone, disabled or expired.
+    pub fn principal_of(&self, org_id: &str, key_id: &str) -> Option<Principal> {
+        if key_id == self.master_principal.key.id && org_id == self.master_principal.org.id {
+            return Some(self.master_principal.clone());
+        }
+        let cache = self.read();
+        let key = cache.keys.get(key_id).filter(|k| k.org_id == org_id && k.usable_at(crate::pipeline::unix_now_ms()))?;
+        let org = cache.orgs.get(org_id)?;
+        Some(Principal { org: org.clone(), key: key.clone() })
+    }
+
     /// An organisation by id, from the cache.
     pub fn org(&self, id: &str) -> Option<Arc<OrgInfo>> {
         self.read().orgs.get(id).cloned()

@@ -17,7 +17,9 @@ use rust_decimal::Decimal;
 use thiserror::Error;
 
 pub use observability::{LogConfig, LogFormat, TelemetryConfig};
-pub use schema::{BillingSettings, LimitSettings, ModelConfig, ModelType, ProviderConfig, RouteConfig};
+pub use schema::{
+    BatchSettings, BillingSettings, LimitSettings, ModelConfig, ModelType, ProviderConfig, RouteConfig, SecuritySettings,
+};
 
 /// The catalog of real providers and models compiled into the binary.
 pub const BUNDLED_CATALOG: &str = include_str!("../../catalog/catalog.toml");
@@ -37,6 +39,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub billing: BillingSettings,
     pub limits: LimitSettings,
+    pub batch: schema::BatchSettings,
+    pub security: schema::SecuritySettings,
     pub routing: RoutingSettings,
     pub fx: crate::money::Fx,
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -144,6 +148,8 @@ impl Config {
             telemetry,
             billing: top.billing,
             limits: top.limits,
+            batch: top.batch,
+            security: top.security,
             routing,
             fx,
             providers,

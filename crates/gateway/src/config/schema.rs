@@ -32,6 +32,10 @@ pub(super) struct TopLevel {
     #[serde(default)]
     pub limits: LimitSettings,
     #[serde(default)]
+    pub batch: BatchSettings,
+    #[serde(default)]
+    pub security: SecuritySettings,
+    #[serde(default)]
     pub routing: RawRouting,
     #[serde(default)]
     pub fx: RawFx,
@@ -96,6 +100,60 @@ pub struct LimitSettings {
 impl Default for LimitSettings {
     fn default() -> Self {
         LimitSettings { default_key_rpm: 600, ip_rpm: 0, trial_rpm: 60, trial_daily: 200 }
+    }
+}
+
+/// `[batch]`: files and the batch worker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSettings {
+    /// Largest file `POST /v1/files` accepts, in bytes (larger → 413).
+    pub max_file_bytes: u64,
+    /// Largest line of a JSONL file, in bytes.
+    pub max_line_bytes: usize,
+    /// Most requests in one batch.
+    pub max_items: usize,
+    /// Batch items run at once by this instance's worker, in all.
+    pub concurrency: usize,
+    /// Batch items run at once per provider (the first route of each item's plan).
+    pub per_provider_concurrency: usize,
+    /// How long a claimed item stays this worker's without renewal: after a crash, how long
+    /// its items wait before another worker (or the restarted one) takes them.
+    pub item_lease_s: u64,
+    /// How often an idle worker looks for work, in milliseconds.
+    pub poll_ms: u64,
+    /// Run the batch worker on this instance.
+    pub worker: bool,
+    /// Delay before the first retry of a failed webhook delivery, in milliseconds; each retry
+    /// doubles it (the default spreads 8 deliveries over about 24 hours).
+    pub webhook_retry_base_ms: u64,
+    /// Least time between two `batch.progress` events of one batch, in milliseconds.
+    pub webhook_progress_ms: u64,
+}
+
+/// `[security]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Let webhooks target private, loopback and link-local addresses, and plain http (for
+    /// receivers on the operator's own network). Off: https to public addresses only.
+    pub allow_private_webhook_targets: bool,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        BatchSettings {
+            max_file_bytes: 200 * 1024 * 1024,
+            max_line_bytes: 8 * 1024 * 1024,
+            max_items: 50_000,
+            concurrency: 64,
+            per_provider_concurrency: 32,
+            item_lease_s: 60,
+            poll_ms: 200,
+            worker: true,
+            webhook_retry_base_ms: 675_000,
+            webhook_progress_ms: 30_000,
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! `POST /v1/chat/completions` and `POST /v1/completions`: admit, then answer in one piece or
-//! as a stream.
+//! as a stream. The whole-answer paths ([`chat_whole`], [`completion_whole`]) are shared with
+//! batch items.
 
 use std::net::SocketAddr;
 
@@ -7,7 +8,9 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use marga_protocol::openai::{ChatCompletionRequest, CompletionRequest, FinishReason, Usage};
+use marga_protocol::openai::{
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, FinishReason, Usage,
+};
 use marga_providers::Call;
 
 use super::admit::{admit, caller, reserve, take_extensions};
@@ -16,22 +19,24 @@ use super::respond::{json_response, record_failure, sse_response};
 use super::AppState;
 use crate::config::ModelType;
 use crate::error::ApiError;
+use crate::money::Money;
 use crate::pipeline::attempt::{first_success, Served};
 use crate::pipeline::plan::Plan;
 use crate::pipeline::stream::{open_until_content, relay, Opened, RelayParams, StreamChunk};
-use crate::pipeline::{record, settle, Endpoint, Outcome, RequestCtx};
+use crate::accounts::Principal;
+use crate::pipeline::{record, settle, ClientInfo, Endpoint, Outcome, RequestCtx};
 use crate::routing::Observation;
 use crate::tokens;
 
 /// Checks what serde cannot: ranges and required content.
-fn validate_chat(request: &ChatCompletionRequest) -> Result<(), ApiError> {
+pub(crate) fn validate_chat(request: &ChatCompletionRequest) -> Result<(), ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::invalid("`messages` must contain at least one message", Some("messages".into())));
     }
     validate_sampling(request.temperature, request.top_p, request.n)
 }
 
-fn validate_sampling(temperature: Option<f64>, top_p: Option<f64>, n: Option<u32>) -> Result<(), ApiError> {
+pub(crate) fn validate_sampling(temperature: Option<f64>, top_p: Option<f64>, n: Option<u32>) -> Result<(), ApiError> {
     if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
         return Err(ApiError::invalid("`temperature` must be between 0 and 2", Some("temperature".into())));
     }
@@ -48,17 +53,16 @@ fn finish_reason_text(reason: Option<&FinishReason>) -> Option<String> {
     reason.and_then(|f| serde_json::to_value(f).ok()).and_then(|v| v.as_str().map(str::to_owned))
 }
 
-/// Settles a whole (non-streamed) answer — its charge is durable before the client sees it —
-/// records it, and builds the response. `usage` is the answer's, with its `cost` written.
-pub(super) async fn finish_whole<T: serde::Serialize>(
+/// Settles a whole (non-streamed) answer — its charge is durable before anyone sees it —
+/// records it, and writes its `usage` (with its `cost`) back. Returns the cost.
+pub(crate) async fn settle_whole<T>(
     state: &AppState,
     ctx: &mut RequestCtx,
-    plan: &Plan,
     served: &mut Served<T>,
     usage_of: impl Fn(&mut T) -> &mut Option<Usage>,
     estimated: bool,
     finish_reason: Option<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Option<Money>, ApiError> {
     let route = served.candidate.route.clone();
     let mut usage = usage_of(&mut served.value).take().unwrap_or_default();
     route.health.record_success(Observation { latency: served.elapsed, ttft: None, completion_tokens: usage.completion_tokens });
@@ -79,7 +83,7 @@ pub(super) async fn finish_whole<T: serde::Serialize>(
     };
     state.log.record(record(ctx, &outcome));
     *usage_of(&mut served.value) = Some(usage);
-    Ok(json_response(&served.value, ctx, plan, &served.candidate, cost))
+    Ok(cost)
 }
 
 /// The SSE response for an opened stream.
@@ -112,20 +116,96 @@ pub(super) async fn begin_request(
     shape: (Endpoint, bool, usize, Option<u32>),
     end_user: Option<&str>,
 ) -> Result<(RequestCtx, Plan), ApiError> {
-    let (endpoint, stream, prompt_bytes, output_cap) = shape;
     let (principal, quota) = caller(state, headers, peer).await?;
+    let client = client_info(headers, end_user);
+    let (mut ctx, plan) = begin_for(state, principal, model, ext, shape, client, None).await?;
+    ctx.quota = quota;
+    Ok((ctx, plan))
+}
+
+/// Admits a parsed request of a known `principal` (already authenticated and counted):
+/// guardrail, plan, credit reservation (from `batch_lease` for a batch item whose credit was
+/// reserved with its batch), and the request's context.
+pub(crate) async fn begin_for(
+    state: &AppState,
+    principal: Principal,
+    model: &str,
+    ext: &marga_protocol::routing::RoutingExtensions,
+    shape: (Endpoint, bool, usize, Option<u32>),
+    client: ClientInfo,
+    batch_lease: Option<&str>,
+) -> Result<(RequestCtx, Plan), ApiError> {
+    let (endpoint, stream, prompt_bytes, output_cap) = shape;
     let kind = if endpoint == Endpoint::Embeddings { ModelType::Embedding } else { ModelType::Chat };
     let admitted = admit(state, &principal, model, ext, kind)?;
-    let billing = reserve(state, &principal, &admitted, prompt_bytes, output_cap).await?;
-    let client = client_info(headers, end_user);
+    let billing = match batch_lease {
+        Some(lease) => {
+            let most = super::admit::max_cost(state, &admitted, prompt_bytes, output_cap);
+            state.admission.reserve_batch_item(&principal, most, lease).await?
+        }
+        None => reserve(state, &principal, &admitted, prompt_bytes, output_cap).await?,
+    };
     let mut ctx = RequestCtx::new(principal, endpoint, admitted.model, stream, client);
     ctx.byok = ext.upstream_key.is_some();
     ctx.billing = Some(billing);
-    ctx.quota = quota;
     Ok((ctx, admitted.plan))
 }
 
+/// A whole (non-streamed) chat answer: attempts with failover, fills in estimated usage,
+/// settles and records it. What `POST /v1/chat/completions` answers, and what a batch item
+/// gets.
+pub(crate) async fn chat_whole(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    plan: &Plan,
+    request: &ChatCompletionRequest,
+    key: Option<&str>,
+) -> Result<(Served<ChatCompletionResponse>, Option<Money>), ApiError> {
+    let mut served = first_success(ctx, &plan.candidates, &state.routing, |c| async move {
+        let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
+        c.route.provider.client.chat(call).await
+    })
+    .await
+    .map_err(|e| record_failure(state, ctx, e))?;
+    let response = &mut served.value;
+    let estimated = response.usage.is_none();
+    if estimated {
+        let text: String = response.choices.iter().filter_map(|c| c.message.content.as_deref()).collect();
+        response.usage = Some(Usage::new(tokens::prompt_tokens(request), tokens::count(&text)));
+    }
+    response.id.clone_from(&ctx.id);
+    response.model.clone_from(&served.candidate.model.id);
+    let finish = finish_reason_text(response.choices.first().and_then(|c| c.finish_reason.as_ref()));
+    let cost = settle_whole(state, ctx, &mut served, |r| &mut r.usage, estimated, finish).await?;
+    Ok((served, cost))
+}
 
+/// A whole legacy completion (see [`chat_whole`]).
+pub(crate) async fn completion_whole(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    plan: &Plan,
+    request: &CompletionRequest,
+    key: Option<&str>,
+) -> Result<(Served<CompletionResponse>, Option<Money>), ApiError> {
+    let mut served = first_success(ctx, &plan.candidates, &state.routing, |c| async move {
+        let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
+        c.route.provider.client.completions(call).await
+    })
+    .await
+    .map_err(|e| record_failure(state, ctx, e))?;
+    let response = &mut served.value;
+    let estimated = response.usage.is_none();
+    if estimated {
+        let text: String = response.choices.iter().map(|c| c.text.as_str()).collect();
+        response.usage = Some(Usage::new(tokens::count(&request.prompt.joined_text()), tokens::count(&text)));
+    }
+    response.id.clone_from(&ctx.id);
+    response.model.clone_from(&served.candidate.model.id);
+    let finish = finish_reason_text(response.choices.first().and_then(|c| c.finish_reason.as_ref()));
+    let cost = settle_whole(state, ctx, &mut served, |r| &mut r.usage, estimated, finish).await?;
+    Ok((served, cost))
+}
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -153,25 +233,8 @@ pub async fn chat_completions(
         .map_err(|e| record_failure(&state, &ctx, e))?;
         return Ok(stream_response(&state, ctx, &plan, served, Box::new(move || tokens::prompt_tokens(&request))));
     }
-    let mut served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
-        let request = &request;
-        async move {
-            let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
-            c.route.provider.client.chat(call).await
-        }
-    })
-    .await
-    .map_err(|e| record_failure(&state, &ctx, e))?;
-    let response = &mut served.value;
-    let estimated = response.usage.is_none();
-    if estimated {
-        let text: String = response.choices.iter().filter_map(|c| c.message.content.as_deref()).collect();
-        response.usage = Some(Usage::new(tokens::prompt_tokens(&request), tokens::count(&text)));
-    }
-    response.id.clone_from(&ctx.id);
-    response.model.clone_from(&served.candidate.model.id);
-    let finish = finish_reason_text(response.choices.first().and_then(|c| c.finish_reason.as_ref()));
-    finish_whole(&state, &mut ctx, &plan, &mut served, |r| &mut r.usage, estimated, finish).await
+    let (served, cost) = chat_whole(&state, &mut ctx, &plan, &request, key).await?;
+    Ok(json_response(&served.value, &ctx, &plan, &served.candidate, cost))
 }
 
 pub async fn completions(
@@ -201,23 +264,6 @@ pub async fn completions(
         let estimate = Box::new(move || tokens::count(&request.prompt.joined_text()));
         return Ok(stream_response(&state, ctx, &plan, served, estimate));
     }
-    let mut served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
-        let request = &request;
-        async move {
-            let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
-            c.route.provider.client.completions(call).await
-        }
-    })
-    .await
-    .map_err(|e| record_failure(&state, &ctx, e))?;
-    let response = &mut served.value;
-    let estimated = response.usage.is_none();
-    if estimated {
-        let text: String = response.choices.iter().map(|c| c.text.as_str()).collect();
-        response.usage = Some(Usage::new(tokens::count(&request.prompt.joined_text()), tokens::count(&text)));
-    }
-    response.id.clone_from(&ctx.id);
-    response.model.clone_from(&served.candidate.model.id);
-    let finish = finish_reason_text(response.choices.first().and_then(|c| c.finish_reason.as_ref()));
-    finish_whole(&state, &mut ctx, &plan, &mut served, |r| &mut r.usage, estimated, finish).await
+    let (served, cost) = completion_whole(&state, &mut ctx, &plan, &request, key).await?;
+    Ok(json_response(&served.value, &ctx, &plan, &served.candidate, cost))
 }

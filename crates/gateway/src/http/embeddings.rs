@@ -1,4 +1,4 @@
-//! `POST /v1/embeddings`.
+//! `POST /v1/embeddings`; [`embeddings_whole`] is shared with batch items.
 
 use axum::body::Body;
 use std::net::SocketAddr;
@@ -6,23 +6,25 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use marga_protocol::openai::{EmbeddingRequest, Usage};
+use marga_protocol::openai::{EmbeddingRequest, EmbeddingResponse, Usage};
 use marga_providers::Call;
 
 use super::admit::take_extensions;
-use super::chat::{begin_request, finish_whole};
+use super::chat::{begin_request, settle_whole};
 use super::extract::{parse_json, read_body};
-use super::respond::record_failure;
+use super::respond::{json_response, record_failure};
 use super::AppState;
 use crate::error::ApiError;
-use crate::pipeline::attempt::first_success;
-use crate::pipeline::Endpoint;
+use crate::money::Money;
+use crate::pipeline::attempt::{first_success, Served};
+use crate::pipeline::plan::Plan;
+use crate::pipeline::{Endpoint, RequestCtx};
 use crate::tokens;
 
 /// The most inputs one request may embed (OpenAI's limit).
 const MAX_INPUTS: usize = 2048;
 
-fn validate(request: &EmbeddingRequest) -> Result<(), ApiError> {
+pub(crate) fn validate(request: &EmbeddingRequest) -> Result<(), ApiError> {
     if request.input.is_empty() {
         return Err(ApiError::invalid("`input` must not be empty", Some("input".into())));
     }
@@ -50,15 +52,25 @@ pub async fn embeddings(
     let shape = (Endpoint::Embeddings, false, bytes.len(), Some(0));
     let (mut ctx, plan) = begin_request(&state, &headers, peer, &request.model, &ext, shape, request.user.as_deref()).await?;
     let key = ext.upstream_key.as_deref();
-    let mut served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
-        let request = &request;
-        async move {
-            let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
-            c.route.provider.client.embeddings(call).await
-        }
+    let (served, cost) = embeddings_whole(&state, &mut ctx, &plan, &request, key).await?;
+    Ok(json_response(&served.value, &ctx, &plan, &served.candidate, cost))
+}
+
+/// An embeddings answer: attempts with failover, estimated usage when the upstream reports
+/// none, the requested encoding, settled and recorded. Shared with batch items.
+pub(crate) async fn embeddings_whole(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    plan: &Plan,
+    request: &EmbeddingRequest,
+    key: Option<&str>,
+) -> Result<(Served<EmbeddingResponse>, Option<Money>), ApiError> {
+    let mut served = first_success(ctx, &plan.candidates, &state.routing, |c| async move {
+        let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
+        c.route.provider.client.embeddings(call).await
     })
     .await
-    .map_err(|e| record_failure(&state, &ctx, e))?;
+    .map_err(|e| record_failure(state, ctx, e))?;
     let response = &mut served.value;
     let estimated = response.usage.is_none();
     if estimated {
@@ -69,7 +81,8 @@ pub async fn embeddings(
     if request.encoding_format.as_deref() == Some("base64") {
         encode_floats_as_base64(&mut response.data);
     }
-    finish_whole(&state, &mut ctx, &plan, &mut served, |r| &mut r.usage, estimated, None).await
+    let cost = settle_whole(state, ctx, &mut served, |r| &mut r.usage, estimated, None).await?;
+    Ok((served, cost))
 }
 
 /// `encoding_format: "base64"` asks for each vector as base64 of little-endian `f32`s (what the

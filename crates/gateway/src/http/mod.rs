@@ -2,11 +2,13 @@
 //! Every endpoint of `/v1` is also served under `/api/v1` (OpenRouter's base path).
 
 mod admin;
-mod admit;
+pub(crate) mod admit;
 mod assignments;
-mod chat;
-mod embeddings;
+mod batches;
+pub(crate) mod chat;
+pub(crate) mod embeddings;
 mod extract;
+mod files;
 mod guardrails;
 mod keys;
 mod members;
@@ -29,6 +31,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::admission::Admission;
+use crate::batch::Batches;
 use crate::error::ApiError;
 use crate::registry::Registry;
 use crate::request_log::RequestLog;
@@ -49,6 +52,7 @@ pub struct AppState {
     pub usage: Arc<UsageState>,
     pub prometheus: Option<PrometheusHandle>,
     pub max_body: usize,
+    pub batches: Arc<Batches>,
 }
 
 fn api_routes() -> Router<AppState> {
@@ -56,6 +60,16 @@ fn api_routes() -> Router<AppState> {
         .route("/chat/completions", post(chat::chat_completions))
         .route("/completions", post(chat::completions))
         .route("/embeddings", post(embeddings::embeddings))
+        .route("/files", get(files::list).post(files::upload))
+        .route("/files/{id}", get(files::get).delete(files::delete))
+        .route("/files/{id}/content", get(files::content))
+        .route("/batches", get(batches::list).post(batches::create))
+        .route("/batches/{id}", get(batches::get))
+        .route("/batches/{id}/cancel", post(batches::cancel))
+        .route("/batches/{id}/results", get(batches::results))
+        .route("/batches/{id}/artifact-url", get(batches::artifact_url))
+        .route("/batches/{id}/artifact", get(batches::artifact))
+        .route("/quotes/model", post(batches::quote))
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::get))
         .route("/route/explain", post(routing::explain))
@@ -87,6 +101,7 @@ fn api_routes() -> Router<AppState> {
         .route("/guardrails/{id}/assignments/members/remove", post(assignments::unassign_members))
         .route("/auth/account", get(admin::account))
         .route("/auth/account/api-keys", post(admin::create_account_key))
+        .route("/auth/account/delivery-webhook", axum::routing::put(batches::put_delivery_webhook))
 }
 
 /// The operator's and the dashboard's endpoints (not under `/v1`).

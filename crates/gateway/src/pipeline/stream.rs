@@ -303,6 +303,7 @@ impl<C: StreamChunk> Relay<C> {
                 code: Some(serde_json::Value::String("stream_interrupted".to_owned())),
                 param: None,
                 metadata: Some(serde_json::json!({ "provider_name": provider, "error_type": error.kind.as_str() })),
+                details: None,
             },
         };
         let estimated = self.usage.is_none();

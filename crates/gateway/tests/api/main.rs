@@ -4,6 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod accounts;
+mod batch;
+mod batch_crash;
+mod batch_native;
+mod batch_webhook;
 mod breakers;
 mod chains;
 mod chat;

@@ -5,6 +5,7 @@
 //! behind each other while everything else (charges, top-ups, other orgs) proceeds.
 
 mod accounts;
+mod batch;
 mod generations;
 mod health;
 mod ledger;

@@ -6,6 +6,7 @@
 //! timeout), so no other writer can slip in between their check and their write.
 
 mod accounts;
+mod batch;
 mod generations;
 mod health;
 mod ledger;

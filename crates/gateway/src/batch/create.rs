@@ -1,0 +1,160 @@
+//! `POST /v1/batches` in the OpenAI shape: `{input_file_id, endpoint, completion_window,
+//! metadata}`. The input file is read line by line; every line must target the batch's
+//! endpoint, have a unique `custom_id` and a body that parses as that endpoint's request for
+//! a model the caller may use. The whole batch's maximum cost is reserved at creation, as a
+//! credit lease of the batch's own in the database; each item is charged against it (once,
+//! by its item id) and the lease is closed when the batch ends, returning what was not used.
+
+use std::collections::HashSet;
+
+use marga_protocol::openai::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest};
+use marga_store::{BatchRecord, NewItem};
+use serde::Deserialize;
+
+use super::files::read_batch_lines;
+use super::ENDPOINTS;
+use crate::accounts::Principal;
+use crate::config::ModelType;
+use crate::error::ApiError;
+use crate::http::AppState;
+use crate::money::Money;
+use crate::pipeline::unix_now_ms;
+
+/// How long a batch may take (the only window OpenAI offers).
+pub const COMPLETION_WINDOW: &str = "24h";
+pub(crate) const WINDOW_MS: i64 = 24 * 3600 * 1000;
+/// Most metadata pairs, and longest key and value (OpenAI's limits).
+const MAX_METADATA: usize = 16;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBatch {
+    pub input_file_id: String,
+    pub endpoint: String,
+    pub completion_window: String,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Accepted and ignored (OpenAI's output expiry policy): files are kept until deleted.
+    #[serde(default)]
+    pub output_expires_after: Option<serde_json::Value>,
+}
+
+fn check_request(req: &CreateBatch) -> Result<(), ApiError> {
+    if !ENDPOINTS.contains(&req.endpoint.as_str()) {
+        let message = format!("`endpoint` must be one of {}", ENDPOINTS.join(", "));
+        return Err(ApiError::invalid(message, Some("endpoint".into())));
+    }
+    if req.completion_window != COMPLETION_WINDOW {
+        return Err(ApiError::invalid("`completion_window` must be \"24h\"", Some("completion_window".into())));
+    }
+    check_metadata(req.metadata.as_ref())
+}
+
+/// OpenAI's metadata rules: at most 16 string values, keys ≤ 64 and values ≤ 512 characters.
+pub(crate) fn check_metadata(metadata: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<(), ApiError> {
+    let Some(meta) = metadata else { return Ok(()) };
+    let bad = meta.len() > MAX_METADATA || meta.iter().any(|(k, v)| k.len() > 64 || v.as_str().is_none_or(|s| s.len() > 512));
+    if bad {
+        let message = "`metadata` holds at most 16 string values (keys ≤ 64, values ≤ 512 characters)";
+        return Err(ApiError::invalid(message, Some("metadata".into())));
+    }
+    Ok(())
+}
+
+/// Checks the request and the file, checks the credit, and stores the batch and its items.
+pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -> Result<BatchRecord, ApiError> {
+    check_request(&req)?;
+    let batches = &state.batches;
+    let file = batches.store.get_file(&principal.org.id, &req.input_file_id).await.map_err(store_error)?;
+    let file = file.ok_or_else(|| ApiError::invalid(format!("no file `{}`", req.input_file_id), Some("input_file_id".into())))?;
+    if file.purpose != "batch" {
+        return Err(ApiError::invalid("the input file's purpose must be \"batch\"", Some("input_file_id".into())));
+    }
+    let mut items = Vec::new();
+    let mut seen = HashSet::new();
+    let mut max_cost = Money::zero(principal.org.currency);
+    let max_items = batches.settings.max_items;
+    read_batch_lines(&batches.path_of(&file.id), |number, line| {
+        let at = |m: String| ApiError::invalid(format!("input file line {number}: {m}"), Some("input_file_id".into()));
+        if line.url != req.endpoint {
+            return Err(at(format!("`url` is {} but the batch's endpoint is {}", line.url, req.endpoint)));
+        }
+        if !seen.insert(line.custom_id.clone()) {
+            return Err(at(format!("`custom_id` \"{}\" is used twice", line.custom_id)));
+        }
+        if items.len() >= max_items {
+            return Err(at(format!("a batch holds at most {max_items} requests")));
+        }
+        let cost = item_max_cost(state, principal, &req.endpoint, line.body.get()).map_err(|e| at(e.to_string()))?;
+        max_cost.amount += state.registry.fx.convert(cost, principal.org.currency).amount;
+        items.push(NewItem { custom_id: line.custom_id, body: line.body.get().to_owned() });
+        Ok(())
+    })
+    .await?;
+    if items.is_empty() {
+        return Err(ApiError::invalid("the input file holds no requests", Some("input_file_id".into())));
+    }
+    let now = unix_now_ms();
+    let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
+    // The whole batch's maximum cost is reserved now, as a lease its items are charged against.
+    let lease = state.admission.reserve_batch(principal, max_cost, &id, now + WINDOW_MS + LEASE_MARGIN_MS).await?;
+    let batch = BatchRecord {
+        id,
+        org_id: principal.org.id.clone(),
+        key_id: principal.key.id.clone(),
+        endpoint: req.endpoint,
+        input_file_id: file.id,
+        completion_window: req.completion_window,
+        metadata: req.metadata.map(|m| serde_json::Value::Object(m).to_string()),
+        status: "in_progress".to_owned(),
+        total: items.len() as i64,
+        created_at_ms: now,
+        in_progress_at_ms: Some(now),
+        expires_at_ms: now + WINDOW_MS,
+        credit_lease_id: lease,
+        ..BatchRecord::default()
+    };
+    store_batch(state, &batch, &items).await?;
+    batches.wake.notify_waiters();
+    Ok(batch)
+}
+
+/// The most one item can cost: its body parsed as the endpoint's request, its model admitted
+/// for the caller, priced on the dearest planned route.
+pub(crate) fn item_max_cost(state: &AppState, principal: &Principal, endpoint: &str, body: &str) -> Result<Money, ApiError> {
+    let parse_error = |e: serde_json::Error| ApiError::invalid(format!("invalid `body`: {e}"), None);
+    let ext = Default::default();
+    let (model, kind, output_cap) = match endpoint {
+        "/v1/embeddings" => {
+            let r: EmbeddingRequest = serde_json::from_str(body).map_err(parse_error)?;
+            (r.model, ModelType::Embedding, Some(0))
+        }
+        "/v1/completions" => {
+            let r: CompletionRequest = serde_json::from_str(body).map_err(parse_error)?;
+            (r.model, ModelType::Chat, r.max_tokens)
+        }
+        _ => {
+            let r: ChatCompletionRequest = serde_json::from_str(body).map_err(parse_error)?;
+            let cap = r.output_cap();
+            (r.model, ModelType::Chat, cap)
+        }
+    };
+    let admitted = crate::http::admit::admit(state, principal, &model, &ext, kind)?;
+    Ok(crate::http::admit::max_cost(state, &admitted, body.len(), output_cap))
+}
+
+/// A batch's credit lease outlives its window by this much (then expires by itself).
+pub(crate) const LEASE_MARGIN_MS: i64 = 3600 * 1000;
+
+/// Stores the batch and its items; on failure gives its credit lease back.
+pub(crate) async fn store_batch(state: &AppState, batch: &BatchRecord, items: &[NewItem]) -> Result<(), ApiError> {
+    let Err(e) = state.batches.store.create_batch(batch, items).await else { return Ok(()) };
+    if let Some(lease) = &batch.credit_lease_id {
+        let _ = state.admission.ledger.repo().close_lease(lease).await;
+    }
+    Err(store_error(e))
+}
+
+pub fn store_error(e: marga_store::StoreError) -> ApiError {
+    ApiError::Unavailable { message: format!("the batch store is unavailable: {e}") }
+}
