@@ -1307,6 +1307,7 @@ async fn measure_rate_claim_latency() {
         let p = |q: f64| alone[((alone.len() as f64 * q) as usize).min(alone.len() - 1)];
         eprintln!("{name:>8} claim_rate     p50 {:>9.3?} p99 {:>9.3?}; 8 claimers of one key: {contended:>9.3?} per claim", p(0.5), p(0.99));
     }
+}
 
 // Usage analytics
 
@@ -1420,6 +1421,7 @@ async fn usage_rollups_events_and_route_stats(ctx: &Ctx) {
     let latencies = store.route_latencies("m1", t0 - 1, 10).await.unwrap();
     assert_eq!(latencies, vec![("p1".to_owned(), 200), ("p1".to_owned(), 200)]);
     assert_eq!(store.route_latencies("m1", t0 - 1, 1).await.unwrap().len(), 1);
+}
 
 // Files and batches
 

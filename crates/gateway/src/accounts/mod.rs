@@ -44,6 +44,19 @@ type ByMember<T> = HashMap<String, HashMap<String, T>>;
 /// Every guardrail by id, and key id → its guardrail.
 type Guardrails = (HashMap<String, Arc<GuardrailRecord>>, HashMap<String, Arc<GuardrailRecord>>);
 
+/// The role a key acts with: `Some(None)` for keys without one (inference, master),
+/// `Some(Some(role))` for a management key (its member's), `None` for a management key whose
+/// member is gone, which is refused.
+fn role_of(cache: &Cache, key: &KeyInfo) -> Option<Option<Role>> {
+    match key.kind {
+        KeyKind::Management => {
+            let member = key.member_id.as_deref()?;
+            Some(Some(*cache.roles.get(&key.org_id)?.get(member)?))
+        }
+        _ => Some(None),
+    }
+}
+
 #[derive(Default)]
 struct Cache {
     keys: HashMap<String, Arc<KeyInfo>>,
@@ -279,14 +292,7 @@ impl Accounts {
             return Err(ApiError::InvalidApiKey);
         }
         let org = cache.orgs.get(&key.org_id).ok_or(ApiError::InvalidApiKey)?;
-        // A management key acts with its member's role; without a member it is refused.
-        let role = match key.kind {
-            KeyKind::Management => {
-                let member = key.member_id.as_deref().ok_or(ApiError::InvalidApiKey)?;
-                Some(*cache.roles.get(&key.org_id).and_then(|m| m.get(member)).ok_or(ApiError::InvalidApiKey)?)
-            }
-            _ => None,
-        };
+        let role = role_of(&cache, key).ok_or(ApiError::InvalidApiKey)?;
         Ok(Principal { org: org.clone(), key: key.clone(), role })
     }
 
@@ -299,7 +305,8 @@ impl Accounts {
         let cache = self.read();
         let key = cache.keys.get(key_id).filter(|k| k.org_id == org_id && k.usable_at(crate::pipeline::unix_now_ms()))?;
         let org = cache.orgs.get(org_id)?;
-        Some(Principal { org: org.clone(), key: key.clone() })
+        let role = role_of(&cache, key)?;
+        Some(Principal { org: org.clone(), key: key.clone(), role })
     }
 
     /// An organisation by id, from the cache.
