@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use marga_store::{GenerationRecord, GenerationRepo};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -47,6 +47,22 @@ const SHUTDOWN_TRIES: u32 = 3;
 #[derive(Clone)]
 pub struct RequestLog {
     tx: mpsc::Sender<GenerationRecord>,
+    wake: Arc<Wake>,
+}
+
+/// Cuts the writer's sleep short: when the queue holds a batch's worth (or half its
+/// capacity), and when the last handle is dropped (shutdown), so that neither a small queue
+/// overflows nor a shutdown waits out a long flush interval.
+struct Wake {
+    notify: Arc<Notify>,
+    /// Queued records at which the writer is woken early.
+    at_depth: usize,
+}
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        self.notify.notify_one();
+    }
 }
 
 impl RequestLog {
@@ -64,15 +80,19 @@ impl RequestLog {
         let capacity = config.queue.max(1);
         metrics::gauge!("marga_request_log_queue_capacity").set(capacity as f64);
         let (tx, rx) = mpsc::channel(capacity);
+        let notify = Arc::new(Notify::new());
+        let wake = Arc::new(Wake { notify: notify.clone(), at_depth: MAX_BATCH.min(capacity.div_ceil(2)) });
         let writer = Writer { repo, spill, down_until: None, backoff: MIN_BACKOFF };
-        let task = tokio::spawn(write_loop(writer, rx, config.flush_interval));
-        Ok((RequestLog { tx }, task))
+        let task = tokio::spawn(write_loop(writer, Inbox { rx, notify }, config.flush_interval));
+        Ok((RequestLog { tx, wake }, task))
     }
 
     /// Queues a record without waiting.
     pub fn record(&self, record: GenerationRecord) {
         if self.tx.try_send(record).is_err() {
             metrics::counter!("marga_request_log_dropped_total", "reason" => "queue_full").increment(1);
+        } else if self.depth() >= self.wake.at_depth {
+            self.wake.notify.notify_one();
         }
     }
 
@@ -82,14 +102,20 @@ impl RequestLog {
     }
 }
 
-async fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<GenerationRecord>, flush_every: Duration) {
+/// The writer's end of the queue, and what cuts its sleep short.
+struct Inbox {
+    rx: mpsc::Receiver<GenerationRecord>,
+    notify: Arc<Notify>,
+}
+
+async fn write_loop(mut writer: Writer, mut inbox: Inbox, flush_every: Duration) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut behind = false;
     loop {
         let window = if behind { Duration::ZERO } else { flush_every };
-        let open = fill_batch(&mut rx, &mut batch, window, writer.next_replay()).await;
-        behind = batch.len() == MAX_BATCH && !rx.is_empty();
-        metrics::gauge!("marga_request_log_queue").set(rx.len() as f64);
+        let open = fill_batch(&mut inbox, &mut batch, window, writer.next_replay()).await;
+        behind = batch.len() == MAX_BATCH && !inbox.rx.is_empty();
+        metrics::gauge!("marga_request_log_queue").set(inbox.rx.len() as f64);
         if !batch.is_empty() && !writer.store(&batch, open).await {
             metrics::counter!("marga_request_log_dropped_total", "reason" => "unwritable").increment(batch.len() as u64);
             tracing::error!(rows = batch.len(), "request log rows lost: neither the database nor the spill file took them");
@@ -103,16 +129,18 @@ async fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<GenerationRecord>
 }
 
 /// Waits for the first record (no later than `wake_at`, when the spill file waits to be
-/// replayed), sleeps out the `window` so that the records of that interval arrive, then takes
-/// what has arrived, up to a full batch. One wake-up per batch rather than one per record:
-/// under load the writer costs a few system calls per batch, not per request. Returns false
-/// once the channel is closed and drained.
+/// replayed), sleeps out the `window` so that the records of that interval arrive (cut short
+/// when the queue fills up or the log is closed), then takes what has arrived, up to a full
+/// batch. One wake-up per batch rather than one per record: under load the writer costs a few
+/// system calls per batch, not per request. Returns false once the channel is closed and
+/// drained.
 async fn fill_batch(
-    rx: &mut mpsc::Receiver<GenerationRecord>,
+    inbox: &mut Inbox,
     batch: &mut Vec<GenerationRecord>,
     window: Duration,
     wake_at: Option<Instant>,
 ) -> bool {
+    let rx = &mut inbox.rx;
     let first = match wake_at {
         None => rx.recv().await,
         Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
@@ -123,7 +151,7 @@ async fn fill_batch(
     let Some(first) = first else { return false };
     batch.push(first);
     if !window.is_zero() && !rx.is_closed() {
-        tokio::time::sleep(window).await;
+        let _ = tokio::time::timeout(window, inbox.notify.notified()).await;
     }
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {
