@@ -102,6 +102,7 @@ fn stream_response<C: StreamChunk>(
         opened: served.value,
         estimate_prompt,
         idle_timeout: state.routing.settings.stream_idle_timeout,
+        total_timeout: state.routing.settings.total_timeout,
     };
     sse_response(relay(params), headers)
 }

@@ -5,6 +5,8 @@
 //! - Until the first content chunk, nothing is sent: a failure before it fails over.
 //! - After it, there is no silent switch: a failure sends one `data: {"error": …}` event and
 //!   closes without `[DONE]`, and the request is recorded as `error_midstream`.
+//! - The total timeout, counted from the request's arrival, bounds the relay too: past it the
+//!   stream ends the same way, with a `timeout` error event.
 //! - Every stream ends with a usage chunk before `[DONE]`: the upstream's, or one counted with
 //!   the tokenizer and flagged as estimated.
 //! - Dropping the body (client gone) drops the upstream stream, which cancels the upstream
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use tokio::time::Instant;
 use marga_protocol::openai::{
     ChatCompletionChunk, CompletionResponse, ErrorBody, ErrorEnvelope, Extra, FinishReason, Usage,
 };
@@ -156,6 +159,9 @@ struct Relay<C> {
     finish: Option<String>,
     ttft_ms: u64,
     idle_timeout: Duration,
+    /// When the request's total timeout runs out, and its length (for the message).
+    deadline: Instant,
+    total_timeout: Duration,
     estimate_prompt: Box<dyn Fn() -> u64 + Send>,
     finished: bool,
 }
@@ -171,11 +177,22 @@ pub struct RelayParams<C> {
     pub estimate_prompt: Box<dyn Fn() -> u64 + Send>,
     /// Longest wait for the next chunk before the stream counts as broken.
     pub idle_timeout: Duration,
+    /// The request's total timeout, counted from its arrival.
+    pub total_timeout: Duration,
+}
+
+/// Why a stream that had sent content ended early.
+enum Cut {
+    /// The upstream failed (an error, a cut, silence past the idle timeout).
+    Upstream(ProviderError),
+    /// The request's total timeout ran out.
+    TotalTimeout,
 }
 
 /// The SSE body for an opened stream.
 pub fn relay<C: StreamChunk>(params: RelayParams<C>) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     let ttft_ms = params.ctx.elapsed_ms();
+    let deadline = Instant::now() + params.total_timeout.saturating_sub(params.ctx.started.elapsed());
     let mut relay = Relay {
         ctx: params.ctx,
         candidate: params.candidate,
@@ -188,6 +205,8 @@ pub fn relay<C: StreamChunk>(params: RelayParams<C>) -> impl Stream<Item = Resul
         finish: None,
         ttft_ms,
         idle_timeout: params.idle_timeout,
+        deadline,
+        total_timeout: params.total_timeout,
         estimate_prompt: params.estimate_prompt,
         finished: false,
     };
@@ -231,8 +250,13 @@ impl<C: StreamChunk> Relay<C> {
             if self.finished {
                 return None;
             }
-            let next = match tokio::time::timeout(self.idle_timeout, self.upstream.next()).await {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Some(self.fail(Cut::TotalTimeout).await);
+            }
+            let next = match tokio::time::timeout(self.idle_timeout.min(left), self.upstream.next()).await {
                 Ok(next) => next,
+                Err(_) if left < self.idle_timeout => return Some(self.fail(Cut::TotalTimeout).await),
                 Err(_) => {
                     let message = format!("no chunk for {:?}", self.idle_timeout);
                     Some(Err(ProviderError::new(marga_providers::ErrorKind::Timeout, message)))
@@ -240,7 +264,7 @@ impl<C: StreamChunk> Relay<C> {
             };
             match next {
                 Some(Ok(chunk)) => self.accept(chunk),
-                Some(Err(error)) => return Some(self.fail(&error).await),
+                Some(Err(error)) => return Some(self.fail(Cut::Upstream(error)).await),
                 None => {
                     if let Some(error) = self.complete().await {
                         return Some(error);
@@ -291,18 +315,27 @@ impl<C: StreamChunk> Relay<C> {
     }
 
 
-    /// The upstream broke after content was sent: what was generated is billed, then one
-    /// error event, no `[DONE]`.
-    async fn fail(&mut self, error: &ProviderError) -> Bytes {
+    /// The stream ended early after content was sent: what was generated is billed, the route
+    /// is charged a fault, then one error event, no `[DONE]`.
+    async fn fail(&mut self, cut: Cut) -> Bytes {
         let provider = self.candidate.route.provider.id.clone();
-        let message = format!("the stream from {provider} was interrupted: {error}");
+        let (message, kind, code, error_type) = match &cut {
+            Cut::Upstream(error) => {
+                let message = format!("the stream from {provider} was interrupted: {error}");
+                (message, "upstream_error", "stream_interrupted", error.kind.as_str())
+            }
+            Cut::TotalTimeout => {
+                let message = format!("the request timed out after {:?} while streaming from {provider}", self.total_timeout);
+                (message, "timeout_error", "timeout", "timeout")
+            }
+        };
         let envelope = ErrorEnvelope {
             error: ErrorBody {
                 message: message.clone(),
-                kind: Some("upstream_error".to_owned()),
-                code: Some(serde_json::Value::String("stream_interrupted".to_owned())),
+                kind: Some(kind.to_owned()),
+                code: Some(serde_json::Value::String(code.to_owned())),
                 param: None,
-                metadata: Some(serde_json::json!({ "provider_name": provider, "error_type": error.kind.as_str() })),
+                metadata: Some(serde_json::json!({ "provider_name": provider, "error_type": error_type })),
                 details: None,
             },
         };

@@ -1,7 +1,8 @@
 //! Route planning end to end: strategies (`optimize`, `provider.sort`, `:floor`, `:nitro`,
 //! the configured default), the `provider` controls, data-policy filters, `x-br-route`,
-//! `POST /v1/route/explain`, `GET /v1/providers`, and the timeouts. Each provider is a mock
-//! of its own, so which provider served is which mock counted the request.
+//! `POST /v1/route/explain`, `GET /v1/providers`, and the timeouts (including a total timeout
+//! that cuts a stream already relaying). Each provider is a mock of its own, so which provider
+//! served is which mock counted the request.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use mock_upstream::Scenario;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_served, attempts, failing, mock_reply, provider, route, spawn_app_with, user_chat, user_chat_stream,
+    assert_served, attempts, decimal, failing, mock_reply, provider, route, spawn_app_with, user_chat, user_chat_stream,
     Options, ProviderSpec, Reply, Stream, TestApp,
 };
 
@@ -504,4 +505,57 @@ async fn the_connect_timeout_fails_over_from_a_route_that_never_accepts() {
     let first: Value = serde_json::from_str::<Vec<Value>>(&record.attempts).unwrap().remove(0);
     let waited = first["latency_ms"].as_u64().unwrap();
     assert!((150..1_000).contains(&waited), "{first}");
+}
+
+#[tokio::test]
+async fn the_total_timeout_cuts_a_stream_that_is_already_relaying() {
+    let providers = vec![provider("a", "US"), provider("b", "US")];
+    let models = model("rt/long", &[route("a", "m-a", "1", "1", "USD"), route("b", "m-b", "2", "2", "USD")]);
+    let app = spawn_app_with(Options {
+        routing: "total_timeout_ms = 600".into(),
+        providers,
+        extra_toml: models,
+        ..Options::default()
+    })
+    .await;
+    // One word every 150 ms: content starts at once, the whole answer would take ~2 s.
+    app.upstream("a").set_scenario(Scenario { chunk_delay_ms: 150, ..Scenario::default() });
+    let started = Instant::now();
+    let reply = app.post_chat(&user_chat_stream("rt/long", "please write a long and slow answer for me")).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(550) && took < Duration::from_millis(1_300), "cut at the total timeout: {took:?}");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.provider(), "a");
+    let stream = Stream::parse(&reply);
+    assert!(!stream.done, "no [DONE] after the total timeout: {}", reply.text);
+    let sent = stream.content();
+    assert!(sent.starts_with("Mock") && sent.len() < mock_reply("please write a long and slow answer for me").len(), "{sent:?}");
+    let errors: Vec<&Value> = stream.chunks.iter().filter(|c| c.get("error").is_some()).collect();
+    assert_eq!(errors.len(), 1, "{}", reply.text);
+    let error = &stream.last()["error"];
+    assert_eq!((error["type"].as_str(), error["code"].as_str()), (Some("timeout_error"), Some("timeout")), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("timed out after 600ms"), "{error}");
+    assert_eq!(error["metadata"]["provider_name"], "a");
+    assert_eq!(app.upstream("b").requests(), 0, "no switch after content");
+
+    // Recorded as a mid-stream error, what was sent billed, the failure counted.
+    let record = app.record(reply.header("x-generation-id").unwrap()).await;
+    assert_eq!(record.status, "error_midstream");
+    assert!(record.error.as_deref().unwrap().contains("timed out"), "{:?}", record.error);
+    assert!(record.usage_estimated);
+    assert!(record.completion_tokens > 0, "what was sent is billed");
+    assert!(decimal(&record.cost) > decimal("0"), "billed: {}", record.cost);
+    let labels = [("model", "rt/long"), ("route", "a/m-a"), ("status", "error_midstream")];
+    assert_eq!(app.metric("marga_requests_total", &labels).await, Some(1.0));
+    let providers = app.get("/v1/providers").await.json();
+    let a = providers["data"].as_array().unwrap().iter().find(|p| p["id"] == "a").unwrap().clone();
+    assert_eq!(a["routes"][0]["health"]["failures"], 1, "{a}");
+    // And the upstream request was cancelled, not left running.
+    for _ in 0..50 {
+        if app.upstream("a").streams_cancelled() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.upstream("a").streams_cancelled(), 1);
 }
