@@ -6,6 +6,11 @@
 //! filtered by the request's policy and ordered by the strategy within the step, so fallback
 //! models stay fallbacks. `data_policy: "india_only"` applies to every step: residency fails
 //! closed, however the chain is built.
+//!
+//! A route (provider + upstream model) is tried at most once: when a later step would add a
+//! route already planned, it keeps its first position and the repeat is listed in `skipped` as
+//! `duplicate`, with the step's model. A route that is tried is not also listed as skipped by a
+//! later step's filter, and a route skipped for the same reason by several steps is listed once.
 
 use std::sync::Arc;
 
@@ -31,6 +36,9 @@ pub struct Candidate {
 pub struct Skipped {
     pub route: String,
     pub reason: &'static str,
+    /// For a `duplicate`: the model of the step that named the route again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// The candidates in the order they will be tried.
@@ -169,29 +177,66 @@ fn parse_max_price(value: &serde_json::Value) -> Result<MaxPrice, ApiError> {
 pub fn plan(registry: &Registry, request: &PlanRequest<'_>) -> Result<Plan, ApiError> {
     let policy = Policy::from(request.ext)?;
     let strategy = policy.strategy(request)?;
-    let mut candidates = Vec::new();
-    let mut skipped = Vec::new();
+    let mut built = Builder::default();
     for Step { model, provider: step_provider } in chain(registry, request)? {
-        let mut routes = Vec::new();
+        let mut routes: Vec<(Arc<Route>, HealthView)> = Vec::new();
         for route in &model.routes {
             match policy.check(route, step_provider.as_deref(), &registry.fx) {
+                Ok(()) if built.has(route) || routes.iter().any(|(r, _)| same_route(r, route)) => {
+                    built.note(route, "duplicate", Some(model.as_ref()));
+                }
                 Ok(()) => routes.push((route.clone(), route.health.view())),
-                Err(reason) => skipped.push(Skipped { route: route.label(), reason }),
+                Err(reason) => built.skip(route, reason),
             }
         }
         strategy.order(&mut routes, |(r, h)| (r.as_ref(), h));
         policy.apply_order(&mut routes);
-        candidates.extend(routes.into_iter().map(|(route, _)| Candidate { model: model.clone(), route }));
+        built.candidates.extend(routes.into_iter().map(|(route, _)| Candidate { model: model.clone(), route }));
     }
+    let Builder { mut candidates, mut skipped } = built;
     if !policy.allow_fallbacks() && candidates.len() > 1 {
         for extra in candidates.drain(1..) {
-            skipped.push(Skipped { route: extra.route.label(), reason: "fallbacks_disabled" });
+            skipped.push(Skipped { route: extra.route.label(), reason: "fallbacks_disabled", model: None });
         }
     }
     if candidates.is_empty() {
         return Err(no_route(&policy, request.model));
     }
     Ok(Plan { strategy, candidates, skipped })
+}
+
+/// The plan as it is built, step by step.
+#[derive(Default)]
+struct Builder {
+    candidates: Vec<Candidate>,
+    skipped: Vec<Skipped>,
+}
+
+impl Builder {
+    /// Whether an earlier step planned this route (same provider and upstream model).
+    fn has(&self, route: &Route) -> bool {
+        self.candidates.iter().any(|c| same_route(&c.route, route))
+    }
+
+    /// A route a filter left out: not listed when it is tried anyway.
+    fn skip(&mut self, route: &Route, reason: &'static str) {
+        if !self.has(route) {
+            self.note(route, reason, None);
+        }
+    }
+
+    /// Lists `route` as skipped for `reason`, once.
+    fn note(&mut self, route: &Route, reason: &'static str, model: Option<&Model>) {
+        let label = route.label();
+        if !self.skipped.iter().any(|s| s.route == label && s.reason == reason) {
+            self.skipped.push(Skipped { route: label, reason, model: model.map(|m| m.id.clone()) });
+        }
+    }
+}
+
+/// Two entries for one upstream route: same provider, same upstream model.
+fn same_route(a: &Route, b: &Route) -> bool {
+    a.provider.id == b.provider.id && a.upstream_model == b.upstream_model
 }
 
 /// One step of the chain: a model, and the provider the step is restricted to, if any.

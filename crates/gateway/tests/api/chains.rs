@@ -1,6 +1,6 @@
 //! Saved fallback chains: `GET`/`PUT`/`DELETE /me/routing/{model}` (1–10 steps of
 //! `{model, provider?}`), plain requests following them, per-request `fallbacks` overriding
-//! them, and their survival across a restart.
+//! them, their survival across a restart, and a route named twice by a chain being tried once.
 
 use serde_json::{json, Value};
 
@@ -175,4 +175,59 @@ async fn a_saved_chain_survives_a_restart() {
     assert_eq!(app.delete(MAIN).await.status, 204);
     let app = app.restart().await;
     assert_eq!(app.get(MAIN).await.status, 404);
+}
+
+#[tokio::test]
+async fn a_route_named_again_by_fallbacks_is_tried_once_at_its_first_position() {
+    let app = chain_app().await;
+    app.upstream("a").set_scenario(failing(503));
+    // `a/m-a` again (the requested model pinned to `a`), and `b/m-b` again through `ch/second`.
+    let fallbacks = json!([{ "model": "ch/main", "provider": "a" }, { "model": "ch/multi" }, { "model": "ch/second" }]);
+    for mut body in [user_chat("ch/main", "once each"), user_chat_stream("ch/main", "once each")] {
+        body["fallbacks"] = fallbacks.clone();
+        let reply = app.post_chat(&body).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        assert_eq!((reply.provider(), reply.header("x-br-model")), ("b", Some("ch/multi")));
+        assert_eq!(reply.route(), "strategy=balanced; route=b/m-b; failed=a/m-a:server; skipped=a/m-a:duplicate,b/m-b:duplicate");
+    }
+    assert_eq!(app.calls(), [("a", 2), ("b", 2), ("c", 0)], "the failing `a` was not tried a second time");
+
+    let mut body = user_chat("ch/main", "x");
+    body["fallbacks"] = fallbacks;
+    let plan = app.post_json("/v1/route/explain", &body).await.json();
+    let order: Vec<(&str, &str)> = plan["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["model"].as_str().unwrap(), c["route"].as_str().unwrap()))
+        .collect();
+    assert_eq!(order, [("ch/main", "a/m-a"), ("ch/multi", "b/m-b"), ("ch/multi", "c/m-c")], "{plan}");
+    assert_eq!(
+        plan["skipped"],
+        json!([
+            { "route": "a/m-a", "reason": "duplicate", "model": "ch/main" },
+            { "route": "b/m-b", "reason": "duplicate", "model": "ch/second" },
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_saved_chain_repeating_a_route_does_not_retry_it_when_everything_fails() {
+    let app = chain_app().await;
+    let steps = json!([{ "model": "ch/second" }, { "model": "ch/multi", "provider": "b" }]);
+    assert_eq!(app.put_json(MAIN, &steps).await.status, 200);
+    let plan = app.post_json("/v1/route/explain", &user_chat("ch/main", "x")).await.json();
+    let order: Vec<&str> = plan["candidates"].as_array().unwrap().iter().map(|c| c["route"].as_str().unwrap()).collect();
+    assert_eq!(order, ["a/m-a", "b/m-b"], "{plan}");
+    assert_eq!(
+        plan["skipped"],
+        json!([{ "route": "b/m-b", "reason": "duplicate", "model": "ch/multi" }, { "route": "c/m-c", "reason": "not_pinned" }])
+    );
+
+    app.upstream("a").set_scenario(failing(503));
+    app.upstream("b").set_scenario(failing(500));
+    let reply = app.post_chat(&user_chat("ch/main", "all down")).await;
+    assert_eq!(reply.status, 502, "{}", reply.text);
+    assert_eq!(reply.error()["code"], "all_routes_failed");
+    assert_eq!(app.calls(), [("a", 1), ("b", 1), ("c", 0)], "each route tried once");
 }
