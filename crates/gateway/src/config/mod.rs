@@ -62,6 +62,9 @@ pub struct RoutingSettings {
     pub max_attempts: usize,
     /// Used when a request names no strategy.
     pub default_strategy: crate::routing::Strategy,
+    /// One request in this many ranked by latency or throughput explores a route without
+    /// recent measurements (0: never).
+    pub explore_every: u64,
     pub breaker: crate::routing::BreakerSettings,
     /// Retries may add at most this percentage of first attempts…
     pub retry_budget_percent: u64,

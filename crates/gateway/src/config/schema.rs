@@ -167,6 +167,7 @@ pub(super) struct RawRouting {
     total_timeout_ms: u64,
     max_attempts: usize,
     default_strategy: Strategy,
+    explore_every: u64,
     breaker_threshold: u32,
     breaker_cooldown_s: u64,
     retry_budget_percent: u64,
@@ -182,6 +183,7 @@ impl Default for RawRouting {
             total_timeout_ms: 600_000,
             max_attempts: 5,
             default_strategy: Strategy::Balanced,
+            explore_every: 20,
             breaker_threshold: 5,
             breaker_cooldown_s: 30,
             retry_budget_percent: 20,
@@ -216,6 +218,7 @@ impl RawRouting {
             total_timeout: Duration::from_millis(self.total_timeout_ms),
             max_attempts: self.max_attempts,
             default_strategy: self.default_strategy,
+            explore_every: self.explore_every,
             breaker: BreakerSettings {
                 threshold: self.breaker_threshold,
                 cooldown: Duration::from_secs(self.breaker_cooldown_s),

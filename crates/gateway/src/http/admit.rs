@@ -17,6 +17,7 @@ use crate::limits::Quota;
 use crate::money::Money;
 use crate::pipeline::plan::{plan, Plan, PlanRequest};
 use crate::registry::Model;
+use crate::routing::explore::Exploration;
 use crate::routing::Strategy;
 
 /// Output tokens assumed for the reservation when neither the request nor the model caps them.
@@ -62,13 +63,36 @@ pub async fn reserve(
 }
 
 /// Resolves the model (a `:floor`/`:nitro` suffix names a strategy), applies the guardrails
-/// of the key and of its member, and plans the routes.
+/// of the key and of its member, and plans the routes — for a look at the plan (explain, batch
+/// checks and quotes): the request does not count towards exploration.
 pub fn admit(
     state: &AppState,
     principal: &Principal,
     model_name: &str,
     ext: &RoutingExtensions,
     kind: ModelType,
+) -> Result<Admitted, ApiError> {
+    admit_with(state, principal, model_name, ext, (kind, None))
+}
+
+/// [`admit`] for a request that will be served: it counts towards exploration and may be the
+/// one that measures a route without recent statistics.
+pub fn admit_to_serve(
+    state: &AppState,
+    principal: &Principal,
+    model_name: &str,
+    ext: &RoutingExtensions,
+    kind: ModelType,
+) -> Result<Admitted, ApiError> {
+    admit_with(state, principal, model_name, ext, (kind, Some(&state.routing.exploration)))
+}
+
+fn admit_with(
+    state: &AppState,
+    principal: &Principal,
+    model_name: &str,
+    ext: &RoutingExtensions,
+    (kind, exploration): (ModelType, Option<&Exploration>),
 ) -> Result<Admitted, ApiError> {
     let (base, suffix_strategy) = Strategy::split_suffix(model_name);
     let model = state
@@ -99,6 +123,7 @@ pub fn admit(
         suffix_strategy,
         saved_chain: saved.as_deref().map(Vec::as_slice),
         default_strategy: state.routing.settings.default_strategy,
+        exploration,
     };
     Ok(Admitted { model: model.clone(), plan: plan(&state.registry, &request)? })
 }

@@ -13,7 +13,7 @@ use marga_protocol::openai::{
 };
 use marga_providers::Call;
 
-use super::admit::{admit, caller, reserve, take_extensions};
+use super::admit::{admit_to_serve, caller, reserve, take_extensions};
 use super::extract::{client_info, parse_json, read_body};
 use super::respond::{json_response, record_failure, sse_response};
 use super::AppState;
@@ -138,7 +138,7 @@ pub(crate) async fn begin_for(
 ) -> Result<(RequestCtx, Plan), ApiError> {
     let (endpoint, stream, prompt_bytes, output_cap) = shape;
     let kind = if endpoint == Endpoint::Embeddings { ModelType::Embedding } else { ModelType::Chat };
-    let admitted = admit(state, &principal, model, ext, kind)?;
+    let admitted = admit_to_serve(state, &principal, model, ext, kind)?;
     let billing = match batch_lease {
         Some(lease) => {
             let most = super::admit::max_cost(state, &admitted, prompt_bytes, output_cap);

@@ -18,6 +18,7 @@ use crate::error::ApiError;
 use crate::money::Fx;
 use crate::registry::{ProviderEntry, Route};
 use crate::routing::chains::MAX_STEPS;
+use crate::routing::{explore, Strategy};
 
 /// What explain needs of a body: the model and the routing extensions (the rest is ignored).
 #[derive(Deserialize)]
@@ -27,7 +28,9 @@ struct ExplainBody {
     extra: marga_protocol::openai::Extra,
 }
 
-fn route_view(route: &Route, fx: &Fx) -> Value {
+/// A planned route as explain shows it; `cold`: the strategy has no recent numbers for it,
+/// so a share of requests explores it (see `routing::explore`).
+fn route_view(route: &Route, fx: &Fx, strategy: Strategy) -> Value {
     let health = route.health.view();
     json!({
         "route": route.label(),
@@ -41,6 +44,7 @@ fn route_view(route: &Route, fx: &Fx) -> Value {
             "combined_usd_per_mtok": route.price.combined_per_mtok(fx).round_dp(6).normalize().to_string(),
         },
         "health": health,
+        "cold": explore::is_cold(strategy, &health),
     })
 }
 
@@ -51,7 +55,7 @@ pub async fn explain(State(state): State<AppState>, headers: HeaderMap, body: Bo
     let ext = take_extensions(&mut body.extra)?;
     let kind = state
         .registry
-        .model(crate::routing::Strategy::split_suffix(&body.model).0)
+        .model(Strategy::split_suffix(&body.model).0)
         .or_else(|| state.registry.model(&body.model))
         .map_or(crate::config::ModelType::Chat, |m| m.kind());
     let admitted = admit(&state, &principal, &body.model, &ext, kind)?;
@@ -61,7 +65,7 @@ pub async fn explain(State(state): State<AppState>, headers: HeaderMap, body: Bo
         .candidates
         .iter()
         .map(|c| {
-            let mut view = route_view(&c.route, fx);
+            let mut view = route_view(&c.route, fx, admitted.plan.strategy);
             view["model"] = json!(c.model.id);
             view
         })

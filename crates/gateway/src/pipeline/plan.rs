@@ -11,6 +11,8 @@
 //! route already planned, it keeps its first position and the repeat is listed in `skipped` as
 //! `duplicate`, with the step's model. A route that is tried is not also listed as skipped by a
 //! later step's filter, and a route skipped for the same reason by several steps is listed once.
+//! On an exploring turn (see [`crate::routing::explore`]) a cold route moves to the front of its
+//! step before `provider.order` applies.
 
 use std::sync::Arc;
 
@@ -22,6 +24,7 @@ use crate::config::ModelType;
 use crate::error::ApiError;
 use crate::money::{Fx, Money};
 use crate::registry::{Model, Registry, Route};
+use crate::routing::explore::{self, Exploration};
 use crate::routing::{HealthView, Strategy};
 
 /// One route to try, with the model it serves.
@@ -46,6 +49,8 @@ pub struct Plan {
     pub strategy: Strategy,
     pub candidates: Vec<Candidate>,
     pub skipped: Vec<Skipped>,
+    /// Routes moved to the front of their step by exploration.
+    pub explored: Vec<String>,
 }
 
 /// What a request asks of routing, gathered once.
@@ -58,6 +63,8 @@ pub struct PlanRequest<'a> {
     /// The organisation's saved chain for the model, if any.
     pub saved_chain: Option<&'a [FallbackStep]>,
     pub default_strategy: Strategy,
+    /// Counts the request for exploration (`None`: planning only, e.g. explain).
+    pub exploration: Option<&'a Exploration>,
 }
 
 /// The policy filters of a request, parsed once.
@@ -177,6 +184,7 @@ fn parse_max_price(value: &serde_json::Value) -> Result<MaxPrice, ApiError> {
 pub fn plan(registry: &Registry, request: &PlanRequest<'_>) -> Result<Plan, ApiError> {
     let policy = Policy::from(request.ext)?;
     let strategy = policy.strategy(request)?;
+    let turn = request.exploration.and_then(|e| e.turn(strategy));
     let mut built = Builder::default();
     for Step { model, provider: step_provider } in chain(registry, request)? {
         let mut routes: Vec<(Arc<Route>, HealthView)> = Vec::new();
@@ -190,10 +198,16 @@ pub fn plan(registry: &Registry, request: &PlanRequest<'_>) -> Result<Plan, ApiE
             }
         }
         strategy.order(&mut routes, |(r, h)| (r.as_ref(), h));
+        if let Some(turn) = turn {
+            if let Some(at) = explore::promote(strategy, turn, &mut routes, |(_, h)| h) {
+                tracing::debug!(route = %routes[0].0.label(), from = at, "exploring a route without recent statistics");
+                built.explored.push(routes[0].0.label());
+            }
+        }
         policy.apply_order(&mut routes);
         built.candidates.extend(routes.into_iter().map(|(route, _)| Candidate { model: model.clone(), route }));
     }
-    let Builder { mut candidates, mut skipped } = built;
+    let Builder { mut candidates, mut skipped, explored } = built;
     if !policy.allow_fallbacks() && candidates.len() > 1 {
         for extra in candidates.drain(1..) {
             skipped.push(Skipped { route: extra.route.label(), reason: "fallbacks_disabled", model: None });
@@ -202,7 +216,7 @@ pub fn plan(registry: &Registry, request: &PlanRequest<'_>) -> Result<Plan, ApiE
     if candidates.is_empty() {
         return Err(no_route(&policy, request.model));
     }
-    Ok(Plan { strategy, candidates, skipped })
+    Ok(Plan { strategy, candidates, skipped, explored })
 }
 
 /// The plan as it is built, step by step.
@@ -210,6 +224,7 @@ pub fn plan(registry: &Registry, request: &PlanRequest<'_>) -> Result<Plan, ApiE
 struct Builder {
     candidates: Vec<Candidate>,
     skipped: Vec<Skipped>,
+    explored: Vec<String>,
 }
 
 impl Builder {
@@ -283,9 +298,13 @@ fn no_route(policy: &Policy<'_>, model: &Model) -> ApiError {
 }
 
 impl Plan {
-    /// The compact `x-br-route` header: strategy, the route that served, failed and skipped routes.
+    /// The compact `x-br-route` header: strategy, the route that served, routes exploration
+    /// moved forward, failed and skipped routes.
     pub fn header(&self, served: &Route, failed: &[(String, &'static str)]) -> String {
         let mut out = format!("strategy={}; route={}", self.strategy.as_str(), served.label());
+        if !self.explored.is_empty() {
+            out.push_str(&format!("; explored={}", self.explored.join(",")));
+        }
         if !failed.is_empty() {
             let list: Vec<String> = failed.iter().map(|(r, why)| format!("{r}:{why}")).collect();
             out.push_str(&format!("; failed={}", list.join(",")));

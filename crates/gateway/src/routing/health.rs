@@ -11,6 +11,10 @@
 //!   opens it again for longer.
 //!
 //! A 429 is not a health fault: with `retry-after` it parks the route until then.
+//!
+//! Each moving average counts its recent samples (see [`STATS_STALE_AFTER`]): a sample that
+//! arrives after a longer gap restarts the average, since the old one described the route as
+//! it was. The count is what exploration reads to find routes worth measuring.
 //! Time is `tokio::time::Instant`, so tests drive it with a paused clock.
 
 use std::sync::Mutex;
@@ -22,6 +26,9 @@ use tokio::time::Instant;
 const EWMA_ALPHA: f64 = 0.2;
 /// The longest an open breaker's cooldown grows to, in multiples of the base cooldown.
 const MAX_EJECTION_MULTIPLIER: u32 = 10;
+/// A statistic whose newest sample is older than this is stale: it no longer counts as recent,
+/// and the next sample restarts its moving average.
+pub const STATS_STALE_AFTER: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Copy, Debug)]
 pub struct BreakerSettings {
@@ -65,6 +72,41 @@ struct State {
     failure_rate: f64,
     successes: u64,
     failures: u64,
+    /// Samples of `latency_ms` (and `ttft_ms`), and of `tokens_per_s`.
+    latency_samples: Samples,
+    throughput_samples: Samples,
+}
+
+/// The recent samples of one moving average: how many in a row without a stale gap, and when
+/// the newest arrived.
+#[derive(Clone, Copy, Debug, Default)]
+struct Samples {
+    run: u32,
+    last: Option<Instant>,
+}
+
+impl Samples {
+    /// Counts a sample taken at `now`; `false` when the previous one is missing or stale, so
+    /// the average restarts from this sample.
+    fn note(&mut self, now: Instant) -> bool {
+        let continuing = self.is_fresh(now);
+        self.run = if continuing { self.run.saturating_add(1) } else { 1 };
+        self.last = Some(now);
+        continuing
+    }
+
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.last.is_some_and(|t| now.saturating_duration_since(t) <= STATS_STALE_AFTER)
+    }
+
+    /// Recent samples: the run, or 0 once the newest is stale.
+    fn recent(&self, now: Instant) -> u32 {
+        if self.is_fresh(now) {
+            self.run
+        } else {
+            0
+        }
+    }
 }
 
 /// What the planner reads about a route.
@@ -79,6 +121,12 @@ pub struct HealthView {
     pub failure_rate: f64,
     pub successes: u64,
     pub failures: u64,
+    /// Recent latency samples measured here (0 when none or stale).
+    #[serde(skip)]
+    pub recent_latency_samples: u32,
+    /// Recent throughput samples measured here (0 when none or stale).
+    #[serde(skip)]
+    pub recent_throughput_samples: u32,
 }
 
 /// One successful answer, as measured.
@@ -109,6 +157,8 @@ impl RouteHealth {
             failure_rate: 0.0,
             successes: 0,
             failures: 0,
+            latency_samples: Samples::default(),
+            throughput_samples: Samples::default(),
         };
         RouteHealth { settings, state: Mutex::new(state) }
     }
@@ -137,6 +187,8 @@ impl RouteHealth {
             failure_rate: s.failure_rate,
             successes: s.successes,
             failures: s.failures,
+            recent_latency_samples: s.latency_samples.recent(now),
+            recent_throughput_samples: s.throughput_samples.recent(now),
         }
     }
 
@@ -151,16 +203,23 @@ impl RouteHealth {
     }
 
     pub fn record_success(&self, observation: Observation) {
+        let now = Instant::now();
         let mut s = self.lock();
         s.breaker = Breaker::Closed { consecutive_failures: 0 };
         s.parked_until = None;
         s.successes += 1;
         s.failure_rate = ewma(Some(s.failure_rate), 0.0);
+        if !s.latency_samples.note(now) {
+            (s.latency_ms, s.ttft_ms) = (None, None);
+        }
         s.latency_ms = Some(ewma(s.latency_ms, observation.latency.as_secs_f64() * 1000.0));
         if let Some(ttft) = observation.ttft {
             s.ttft_ms = Some(ewma(s.ttft_ms, ttft.as_secs_f64() * 1000.0));
             let generating = observation.latency.saturating_sub(ttft).as_secs_f64();
             if observation.completion_tokens > 0 && generating > 0.0 {
+                if !s.throughput_samples.note(now) {
+                    s.tokens_per_s = None;
+                }
                 s.tokens_per_s = Some(ewma(s.tokens_per_s, observation.completion_tokens as f64 / generating));
             }
         }
@@ -310,5 +369,35 @@ mod tests {
         tokio::time::advance(Duration::from_secs(7)).await;
         assert!(!h.view().deferred);
         assert_eq!(h.view().latency_ms, Some(100.0));
+    }
+
+    fn streamed(ms: u64) -> Observation {
+        Observation { latency: Duration::from_millis(ms), ttft: Some(Duration::from_millis(10)), completion_tokens: 20 }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recent_samples_count_up_go_stale_and_a_late_sample_restarts_the_average() {
+        let h = health();
+        assert_eq!((h.view().recent_latency_samples, h.view().recent_throughput_samples), (0, 0));
+        h.record_success(Observation { latency: Duration::from_millis(100), ..Observation::default() });
+        assert_eq!((h.view().recent_latency_samples, h.view().recent_throughput_samples), (1, 0), "no ttft: no throughput");
+        h.record_success(streamed(210));
+        h.record_success(streamed(210));
+        assert_eq!((h.view().recent_latency_samples, h.view().recent_throughput_samples), (3, 2));
+        let averaged = h.view().latency_ms.unwrap_or_default();
+        assert!(averaged > 100.0 && averaged < 210.0, "{averaged}");
+
+        tokio::time::advance(STATS_STALE_AFTER).await;
+        assert_eq!(h.view().recent_latency_samples, 3, "still recent at exactly the limit");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let stale = h.view();
+        assert_eq!((stale.recent_latency_samples, stale.recent_throughput_samples), (0, 0));
+        assert_eq!(stale.latency_ms, Some(averaged), "a stale average is still shown until replaced");
+
+        h.record_success(Observation { latency: Duration::from_millis(500), ..Observation::default() });
+        let restarted = h.view();
+        assert_eq!(restarted.recent_latency_samples, 1);
+        assert_eq!(restarted.latency_ms, Some(500.0), "the stale average was dropped, not blended");
+        assert_eq!(restarted.ttft_ms, None, "the stale time to first token went with it");
     }
 }

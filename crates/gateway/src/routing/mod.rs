@@ -3,11 +3,14 @@
 //!
 //! - [`health`]: per-route circuit breaker and moving-average statistics;
 //! - [`strategy`]: the orderings (price, latency, throughput, uptime, balanced, ordered);
+//! - [`explore`]: the share of latency/throughput requests that measure routes lacking recent
+//!   numbers;
 //! - [`budget`]: the retry budget that keeps an outage from multiplying traffic;
 //! - [`chains`]: saved fallback chains per organisation.
 
 pub mod budget;
 pub mod chains;
+pub mod explore;
 pub mod health;
 pub mod shared;
 pub mod strategy;
@@ -17,10 +20,11 @@ pub use strategy::Strategy;
 
 use crate::config::RoutingSettings;
 
-/// Routing's shared state: settings, the retry budget and the saved chains.
+/// Routing's shared state: settings, the retry budget, exploration and the saved chains.
 pub struct Routing {
     pub settings: RoutingSettings,
     pub budget: budget::RetryBudget,
+    pub exploration: explore::Exploration,
     pub chains: chains::SavedChains,
 }
 
@@ -31,6 +35,7 @@ impl Routing {
             settings.retry_budget_min_per_s,
             std::time::Duration::from_secs(10),
         );
-        Routing { settings, budget, chains }
+        let exploration = explore::Exploration::new(settings.explore_every);
+        Routing { settings, budget, exploration, chains }
     }
 }

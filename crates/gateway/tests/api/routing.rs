@@ -1,8 +1,8 @@
 //! Route planning end to end: strategies (`optimize`, `provider.sort`, `:floor`, `:nitro`,
 //! the configured default), the `provider` controls, data-policy filters, `x-br-route`,
-//! `POST /v1/route/explain`, `GET /v1/providers`, and the timeouts (including a total timeout
-//! that cuts a stream already relaying). Each provider is a mock of its own, so which provider
-//! served is which mock counted the request.
+//! `POST /v1/route/explain`, `GET /v1/providers`, exploration of unmeasured routes, and the
+//! timeouts (including a total timeout that cuts a stream already relaying). Each provider is
+//! a mock of its own, so which provider served is which mock counted the request.
 
 use std::time::{Duration, Instant};
 
@@ -505,6 +505,50 @@ async fn the_connect_timeout_fails_over_from_a_route_that_never_accepts() {
     let first: Value = serde_json::from_str::<Vec<Value>>(&record.attempts).unwrap().remove(0);
     let waited = first["latency_ms"].as_u64().unwrap();
     assert!((150..1_000).contains(&waited), "{first}");
+}
+
+#[tokio::test]
+async fn latency_explores_a_route_without_recent_numbers_on_every_nth_request() {
+    let models = model("rt/explore", &[route("a", "m-a", "1", "1", "USD"), route("b", "m-b", "2", "2", "USD")]);
+    let app = spawn_app_with(Options {
+        routing: "explore_every = 3".into(),
+        providers: abc(),
+        extra_toml: models,
+        ..Options::default()
+    })
+    .await;
+    // `b` answers more slowly: once measured, latency ranks it last.
+    app.upstream("b").set_scenario(Scenario { delay_ms: 80, ..Scenario::default() });
+    // `a` measured three times (pinned, balanced: such requests do not count for exploration).
+    for _ in 0..3 {
+        assert_served(&app.post_chat(&with(user_chat("rt/explore", "warm up"), "provider", json!("a"))).await, "rt/explore", "a");
+    }
+    let latency = || with(user_chat("rt/explore", "fastest"), "optimize", json!("latency"));
+    let explained = app.post_json("/v1/route/explain", &latency()).await.json();
+    let cold: Vec<(&str, bool)> = explained["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["route"].as_str().unwrap(), c["cold"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(cold, [("a/m-a", false), ("b/m-b", true)], "explain flags the unmeasured route and does not count");
+
+    let mut served = Vec::new();
+    for i in 1..=12 {
+        let reply = app.post_chat(&latency()).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        let exploring = i % 3 == 0 && i < 12;
+        let expected = if exploring { "strategy=latency; route=b/m-b; explored=b/m-b" } else { "strategy=latency; route=a/m-a" };
+        assert_eq!(reply.route(), expected, "request {i}");
+        served.push(reply.provider().to_owned());
+    }
+    // Every third request measures `b` until it has three recent samples; then it is ranked
+    // by them (slower: last) and the 12th request has nothing left to explore.
+    assert_eq!(served.join(""), "aabaabaabaaa");
+    assert_eq!(app.calls(), [("a", 12), ("b", 3), ("c", 0)]);
+    let explained = app.post_json("/v1/route/explain", &latency()).await.json();
+    assert_eq!(explained["candidates"][1]["route"], "b/m-b");
+    assert_eq!(explained["candidates"][1]["cold"], false, "{explained}");
 }
 
 #[tokio::test]
