@@ -21,7 +21,15 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 /// Parses JSON into `T`; on failure a 400 that names the field and what was expected.
+///
+/// The hot path parses once with plain `serde_json`; only a body that fails is parsed again
+/// with `serde_path_to_error` to name the field (tracking the path costs on every value).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).or_else(|_| parse_json_naming_the_field(bytes))
+}
+
+/// The slow, exact parse of a body that failed: its error names the field.
+fn parse_json_naming_the_field<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
