@@ -176,7 +176,7 @@ impl Admission {
                 });
             }
         }
-        for g in self.guardrails(principal) {
+        for (g, member) in self.accounts.guardrails_with_member(key) {
             let name = &g.name;
             for (period, value) in [
                 (Period::Day, g.max_daily_spend_nanos),
@@ -184,7 +184,11 @@ impl Admission {
                 (Period::Month, g.max_monthly_spend_nanos),
             ] {
                 if let Some(v) = value {
-                    caps.push(cap(period, v, format!("guardrail \"{name}\" {} spend cap", period.as_str())));
+                    let mut cap = cap(period, v, format!("guardrail \"{name}\" {} spend cap", period.as_str()));
+                    if let Some(member) = &member {
+                        cap.scope = Scope::Member(member.clone());
+                    }
+                    caps.push(cap);
                 }
             }
         }

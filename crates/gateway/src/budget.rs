@@ -1,5 +1,6 @@
 //! Spend caps: a key's credit `limit` (over its `limit_reset` window), its monthly `budget`,
-//! its workspace's monthly budget, and the daily/weekly/monthly caps of its guardrail.
+//! its workspace's monthly budget, and the daily/weekly/monthly caps of its guardrails (a
+//! guardrail assigned to a member caps the spend of the member's keys together).
 //!
 //! A cap holds when `spent + in flight + this request's reservation ≤ cap`. `spent` comes from
 //! the ledger (charges since the window started, read at most every [`STALE_AFTER`] per
@@ -59,6 +60,8 @@ impl Period {
 pub enum Scope {
     Key(String),
     Workspace(String),
+    /// A member's keys together (a guardrail assigned to the member).
+    Member(String),
 }
 
 /// One cap to check: whose spend, over which period, and how much.
@@ -150,6 +153,7 @@ impl SpendTracker {
         let spent = match &cap.scope {
             Scope::Key(id) => self.ledger.spend_since(&cap.org_id, Some(id), start).await,
             Scope::Workspace(id) => self.ledger.workspace_spend_since(&cap.org_id, id, start).await,
+            Scope::Member(id) => self.ledger.member_spend_since(&cap.org_id, id, start).await,
         };
         match spent {
             Ok(spent) => {

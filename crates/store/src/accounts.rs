@@ -227,6 +227,14 @@ pub trait LedgerRepo: Send + Sync {
         workspace_id: &'a str,
         since_ms: i64,
     ) -> BoxFuture<'a, Result<i64, StoreError>>;
+    /// Sum of `charge` lines (as a positive number) of the keys that belong to member
+    /// `user_id` since `since_ms`: what a guardrail assigned to the member caps.
+    fn member_spend_since<'a>(
+        &'a self,
+        org_id: &'a str,
+        user_id: &'a str,
+        since_ms: i64,
+    ) -> BoxFuture<'a, Result<i64, StoreError>>;
     /// Newest first, `id < before` when given.
     fn entries<'a>(
         &'a self,

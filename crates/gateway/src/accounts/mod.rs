@@ -241,13 +241,27 @@ impl Accounts {
 
     /// The guardrails that apply to a key: its own and its member's (both are enforced).
     pub fn guardrails_of(&self, key: &KeyInfo) -> Vec<Arc<GuardrailRecord>> {
+        self.guardrails_with_member(key).into_iter().map(|(g, _)| g).collect()
+    }
+
+    /// [`Accounts::guardrails_of`], each with the member it was assigned to (`None`: assigned
+    /// to the key itself). One guardrail assigned both ways counts as the member's, whose
+    /// spend caps are the wider scope.
+    pub fn guardrails_with_member(&self, key: &KeyInfo) -> Vec<(Arc<GuardrailRecord>, Option<String>)> {
         let cache = self.read();
         let own = cache.guardrails.get(&key.id);
-        let member = key.member_id.as_deref().and_then(|m| cache.member_guardrails.get(&key.org_id)?.get(m));
-        match (own, member) {
-            (Some(a), Some(b)) if a.id == b.id => vec![Arc::clone(a)],
-            (a, b) => a.into_iter().chain(b).cloned().collect(),
+        let member = key
+            .member_id
+            .as_deref()
+            .and_then(|m| Some((cache.member_guardrails.get(&key.org_id)?.get(m)?, m)));
+        let mut out = Vec::with_capacity(2);
+        if let Some(g) = own.filter(|g| member.is_none_or(|(m, _)| m.id != g.id)) {
+            out.push((Arc::clone(g), None));
         }
+        if let Some((g, m)) = member {
+            out.push((Arc::clone(g), Some(m.to_owned())));
+        }
+        out
     }
 
     /// A member's role, from the cache.

@@ -318,3 +318,42 @@ async fn a_keys_own_guardrail_and_its_members_both_apply_and_assigning_replaces(
     assert_eq!(listed.body["data"][0]["key_hash"], json!(hash), "{}", listed.body);
     assert_forbidden(&post(&app, &key, "/v1/chat/completions", &chat(8)).await, "the key's new guardrail");
 }
+
+/// A guardrail's spend cap assigned to a member caps the member's keys together: once one of
+/// them has spent it, the member's other keys are refused too, while a key of the org outside
+/// the guardrail is not.
+#[tokio::test]
+async fn a_members_guardrail_caps_the_spend_of_all_the_members_keys_together() {
+    let app = spawn_app().await;
+    let t = team(&app).await;
+    grant(&app, &t.org, "5").await;
+    let (first, _) = new_key(&app, &t.owner, json!({"name": "m1", "creator_user_id": t.member_id})).await;
+    let (second, _) = new_key(&app, &t.owner, json!({"name": "m2", "creator_user_id": t.member_id})).await;
+    let (outside, _) = new_key(&app, &t.owner, json!({"name": "o"})).await;
+    let probe = post(&app, &outside, "/v1/chat/completions", &chat(8)).await;
+    assert_eq!(probe.status, 200, "{}", probe.body);
+    let one = crate::accounts::number(&probe.body["usage"]["cost"]);
+    assert!(one > rust_decimal::Decimal::ZERO, "sandbox requests cost something");
+    let cap = one * rust_decimal::Decimal::from(6);
+    let created = post(&app, &t.owner, "/v1/guardrails", &json!({"name": "daily", "max_daily_spend": cap.to_string()})).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let g = created.body["data"]["id"].as_str().expect("id").to_owned();
+    let assigned = post(&app, &t.owner, &format!("/v1/guardrails/{g}/members"), &json!({"member_user_ids": [t.member_id]})).await;
+    assert_eq!(assigned.body["assigned_count"], 1, "{}", assigned.body);
+
+    let mut served = 0;
+    let refused = loop {
+        let answer = post(&app, &first, "/v1/chat/completions", &chat(8)).await;
+        if answer.status != 200 {
+            break answer;
+        }
+        served += 1;
+        assert!(served <= 6, "the cap of six requests' cost must stop the first key");
+    };
+    assert!(served >= 1, "the cap allows some requests: {}", refused.body);
+    assert_eq!((refused.status, refused.body["error"]["code"].clone()), (429, json!("budget_exceeded")), "{}", refused.body);
+    let other = post(&app, &second, "/v1/chat/completions", &chat(8)).await;
+    assert_eq!(other.status, 429, "the member's other key shares the cap: {}", other.body);
+    assert_eq!(other.body["error"]["code"], "budget_exceeded");
+    assert_eq!(post(&app, &outside, "/v1/chat/completions", &chat(8)).await.status, 200, "keys outside the guardrail");
+}

@@ -198,6 +198,23 @@ impl LedgerRepo for PgStore {
         })
     }
 
+    fn member_spend_since<'a>(&'a self, org_id: &'a str, user_id: &'a str, since_ms: i64) -> BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let (spent,): (i64,) = sqlx::query_as(
+                "SELECT COALESCE(-SUM(amount_nanos), 0)::BIGINT FROM ledger_entries \
+                 WHERE org_id = $1 AND created_at_ms >= $2 AND kind = 'charge' \
+                 AND key_id IN (SELECT id FROM api_keys WHERE org_id = $3 AND member_id = $4)",
+            )
+            .bind(org_id)
+            .bind(since_ms)
+            .bind(org_id)
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(spent)
+        })
+    }
+
     fn workspace_spend_since<'a>(
         &'a self,
         org_id: &'a str,

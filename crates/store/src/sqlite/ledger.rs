@@ -221,6 +221,23 @@ impl LedgerRepo for SqliteStore {
         })
     }
 
+    fn member_spend_since<'a>(&'a self, org_id: &'a str, user_id: &'a str, since_ms: i64) -> BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let (spent,): (i64,) = sqlx::query_as(
+                "SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries \
+                 WHERE org_id = ? AND created_at_ms >= ? AND kind = 'charge' \
+                 AND key_id IN (SELECT id FROM api_keys WHERE org_id = ? AND member_id = ?)",
+            )
+            .bind(org_id)
+            .bind(since_ms)
+            .bind(org_id)
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(spent)
+        })
+    }
+
     fn workspace_spend_since<'a>(
         &'a self,
         org_id: &'a str,
