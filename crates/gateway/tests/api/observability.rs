@@ -2,7 +2,8 @@
 //! each request of a model exactly; the request log on the real binary surviving `kill -9`
 //! once the (default) flush interval has passed, and SIGTERM at once; JSON logs with one
 //! access line per request and no secret in any line; OTLP traces received by a collector
-//! started by the test.
+//! started by the test; a Postgres outage (through a relay the test cuts) that delays no answer
+//! and loses no record or charge.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -474,4 +475,117 @@ async fn a_locked_database_never_delays_an_answer_and_its_records_arrive_through
     }
     assert_eq!(app.store.count_generations().await.unwrap(), 21);
     eprintln!("every record in the database {:?} after the lock was released", unlocked.elapsed());
+}
+
+/// A TCP relay between the gateway and Postgres that the test can cut: while it is down,
+/// live connections are dropped and new ones are closed at once (as when the database host
+/// goes away).
+struct Relay {
+    port: u16,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (is_down, tasks) = (down.clone(), live.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if is_down.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                tasks.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Relay { port, down, live }
+    }
+
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.live.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Postgres goes away under a running gateway: answers keep coming without waiting on it (the
+/// request log spills to its file, charges wait in the journal), and once the database is back
+/// every record and every charge reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_never_delays_an_answer_and_loses_no_record_or_charge() {
+    if !postgres_enabled() {
+        note_skipped("observability::a_postgres_outage_…: it needs Postgres");
+        return;
+    }
+    let mut database = TestDatabase::create().await;
+    let direct_url = database.url.clone();
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    database.url = direct_url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port), 1);
+    assert_ne!(database.url, direct_url, "the database URL goes through the relay");
+    let app = crate::helpers::spawn_app_on(Options::default(), Some(Arc::new(database))).await;
+    let (org, management) = new_org(&app, "USD").await;
+    grant(&app, &org, "5").await;
+    let (key, _) = new_key(&app, &management, json!({"name": "outage"})).await;
+    let send = |i: usize| {
+        let (app, key) = (&app, key.clone());
+        async move {
+            let body = crate::helpers::user_chat("sandbox/echo", &format!("during the outage {i}"));
+            let started = Instant::now();
+            let reply = app.client.post(app.url("/v1/chat/completions")).bearer_auth(key).json(&body).send().await.unwrap();
+            let status = reply.status().as_u16();
+            let id = reply.headers().get("x-generation-id").map(|v| v.to_str().unwrap().to_owned());
+            (status, id, started.elapsed())
+        }
+    };
+    assert_eq!(send(0).await.0, 200, "before the outage (opens the credit lease)");
+
+    relay.cut();
+    let mut ids = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for i in 1..=20 {
+        let (status, id, took) = send(i).await;
+        assert_eq!(status, 200, "request {i} during the outage");
+        slowest = slowest.max(took);
+        ids.push(id.expect("x-generation-id"));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(slowest < Duration::from_secs(1), "an answer waited {slowest:?} on the database");
+    let spill = app.data_dir.path().join("data").join("requests.spill");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::fs::metadata(&spill).map_or(0, |m| m.len()) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(std::fs::metadata(&spill).map_or(0, |m| m.len()) > 0, "the records went to the spill file");
+
+    relay.restore();
+    let pool = sqlx::PgPool::connect(&direct_url).await.unwrap();
+    let count = |sql: &'static str| {
+        let (pool, ids) = (&pool, &ids);
+        async move { sqlx::query_scalar::<_, i64>(sql).bind(ids).fetch_one(pool).await.unwrap() }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut records, mut charges) = (0, 0);
+    while Instant::now() < deadline {
+        records = count("SELECT COUNT(*) FROM generations WHERE id = ANY($1)").await;
+        charges = count("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'charge' AND reference = ANY($1)").await;
+        if records == 20 && charges == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!((records, charges), (20, 20), "every record and every charge of the outage reached Postgres");
+    eprintln!("slowest answer during the Postgres outage: {slowest:?}");
 }
