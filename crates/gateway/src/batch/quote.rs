@@ -160,6 +160,38 @@ fn native_lane_json(model: &str, lane: &NativeLane, selected: bool, tokens: &[To
     out
 }
 
+/// Decides each model's lane: marks the realtime lanes as the fallback where a native lane is
+/// selected; returns the samples' cost on the selected lanes and the native lanes.
+fn choose_lanes(
+    lanes: &mut BTreeMap<(String, String), Value>,
+    models: &PerModel,
+    window_ms: i64,
+    fx: &Fx,
+    currency: Currency,
+) -> (Decimal, Vec<Value>) {
+    let mut sample_cost = Decimal::ZERO;
+    let mut native_lanes = Vec::new();
+    for (model, (tally, tokens, realtime)) in models {
+        let decision = tally.decide(window_ms);
+        let chosen = decision.native.as_ref().map(|r| r.label());
+        sample_cost += match &decision.native {
+            Some(route) => {
+                for lane in lanes.iter_mut().filter(|((m, _), l)| m == model && l["selected"] == json!(true)).map(|(_, l)| l) {
+                    lane["selected"] = json!(false);
+                    lane["role"] = json!("fallback");
+                }
+                native_cost(route, tokens, fx, currency)
+            }
+            None => *realtime,
+        };
+        for lane in &decision.lanes {
+            let selected = chosen.as_deref() == Some(lane.route.label().as_str());
+            native_lanes.push(native_lane_json(model, lane, selected, tokens, fx, currency));
+        }
+    }
+    (sample_cost, native_lanes)
+}
+
 /// The quote.
 pub fn quote(state: &AppState, principal: &Principal, request: QuoteRequest) -> Result<Value, ApiError> {
     if request.items.is_empty() || request.items.len() > MAX_SAMPLE {
@@ -184,26 +216,7 @@ pub fn quote(state: &AppState, principal: &Principal, request: QuoteRequest) -> 
     for lane in lanes.values_mut().filter(|l| l["rejection"].is_null()) {
         lane["expected_completion_s"] = json!(expected_realtime);
     }
-    let mut sample_cost = Decimal::ZERO;
-    let mut native_lanes = Vec::new();
-    for (model, (tally, tokens, realtime)) in &models {
-        let decision = tally.decide(window_ms);
-        let chosen = decision.native.as_ref().map(|r| r.label());
-        sample_cost += match &decision.native {
-            Some(route) => {
-                for lane in lanes.iter_mut().filter(|((m, _), l)| m == model && l["selected"] == json!(true)).map(|(_, l)| l) {
-                    lane["selected"] = json!(false);
-                    lane["role"] = json!("fallback");
-                }
-                native_cost(route, tokens, fx, currency)
-            }
-            None => *realtime,
-        };
-        for lane in &decision.lanes {
-            let selected = chosen.as_deref() == Some(lane.route.label().as_str());
-            native_lanes.push(native_lane_json(model, lane, selected, tokens, fx, currency));
-        }
-    }
+    let (sample_cost, native_lanes) = choose_lanes(&mut lanes, &models, window_ms, fx, currency);
     let per_item = sample_cost / Decimal::from(sample);
     let estimated_items = request.estimated_items.unwrap_or(sample);
     let now_s = unix_now_ms() / 1000;
