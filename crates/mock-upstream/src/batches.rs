@@ -85,15 +85,12 @@ fn not_found<D: Dialect>(what: &str) -> Response {
     D::error(StatusCode::NOT_FOUND, &format!("no such {what}"))
 }
 
-/// Records a poll or download and checks its credentials (no failure gate).
-fn polled<D: Dialect>(shared: &Shared, kind: Kind, uri: Uri, headers: HeaderMap) -> Result<(), Response> {
+/// Records a poll or download and checks its credentials (no failure gate); `Some` is the
+/// refusal.
+fn refused<D: Dialect>(shared: &Shared, kind: Kind, uri: Uri, headers: HeaderMap) -> Option<Response> {
     let authorized = D::authorized(&headers, &uri);
     shared.record(kind, uri, headers, Bytes::new());
-    if authorized {
-        Ok(())
-    } else {
-        Err(D::auth_error())
-    }
+    (!authorized).then(D::auth_error)
 }
 
 /// `POST /v1/files`.
@@ -119,7 +116,7 @@ pub(crate) async fn upload(State(shared): State<Arc<Shared>>, uri: Uri, headers:
 
 /// `GET /v1/files/{id}/content`.
 pub(crate) async fn file_content(State(shared): State<Arc<Shared>>, Path(id): Path<String>, uri: Uri, headers: HeaderMap) -> Response {
-    if let Err(refused) = polled::<OpenAi>(&shared, Kind::Files, uri, headers) {
+    if let Some(refused) = refused::<OpenAi>(&shared, Kind::Files, uri, headers) {
         return refused;
     }
     match lock(&shared.batches.files).get(&id) {
@@ -233,7 +230,7 @@ fn openai_object(id: &str, b: &Batch) -> Value {
 
 /// `GET /v1/batches/{id}`.
 pub(crate) async fn get_openai(State(shared): State<Arc<Shared>>, Path(id): Path<String>, uri: Uri, headers: HeaderMap) -> Response {
-    if let Err(refused) = polled::<OpenAi>(&shared, Kind::Batches, uri, headers) {
+    if let Some(refused) = refused::<OpenAi>(&shared, Kind::Batches, uri, headers) {
         return refused;
     }
     let mut batches = lock(&shared.batches.batches);
@@ -286,7 +283,7 @@ fn anthropic_object(id: &str, b: &Batch, headers: &HeaderMap) -> Value {
 
 /// `GET /v1/messages/batches/{id}`.
 pub(crate) async fn get_anthropic(State(shared): State<Arc<Shared>>, Path(id): Path<String>, uri: Uri, headers: HeaderMap) -> Response {
-    if let Err(refused) = polled::<Anthropic>(&shared, Kind::MessageBatches, uri, headers.clone()) {
+    if let Some(refused) = refused::<Anthropic>(&shared, Kind::MessageBatches, uri, headers.clone()) {
         return refused;
     }
     let mut batches = lock(&shared.batches.batches);
@@ -297,7 +294,7 @@ pub(crate) async fn get_anthropic(State(shared): State<Arc<Shared>>, Path(id): P
 
 /// `GET /v1/messages/batches/{id}/results`.
 pub(crate) async fn anthropic_results(State(shared): State<Arc<Shared>>, Path(id): Path<String>, uri: Uri, headers: HeaderMap) -> Response {
-    if let Err(refused) = polled::<Anthropic>(&shared, Kind::MessageBatches, uri, headers) {
+    if let Some(refused) = refused::<Anthropic>(&shared, Kind::MessageBatches, uri, headers) {
         return refused;
     }
     let batches = lock(&shared.batches.batches);
