@@ -262,6 +262,8 @@ async fn read_file_items(state: &AppState, principal: &Principal, id: &str) -> R
 /// The native status of a stored batch.
 fn native_status(b: &BatchRecord) -> &'static str {
     match b.status.as_str() {
+        // On a provider's native lane, submitted and waiting for the provider's batch.
+        "in_progress" if b.completed + b.failed == 0 && b.native_batch_id.is_some() => "dispatched",
         "in_progress" if b.completed + b.failed == 0 => "queued",
         "in_progress" | "cancelling" => "processing",
         "finalizing" => "completing",

@@ -83,8 +83,9 @@ async fn step(state: &AppState, owner: &str, lease: Duration, org_id: &str, id: 
     if batch.lane != LANE_NATIVE || batch.status != "in_progress" {
         return Ok(Next::Stop);
     }
-    let items = pending(state, id).await?;
-    let Some((model, route)) = items.first().and_then(|item| native_route(state, &batch, item)) else {
+    // Every item has its result: the worker finalizes the batch.
+    let Some(first) = store.pending_items(id, -1, 1).await.map_err(store_error)?.pop() else { return Ok(Next::Stop) };
+    let Some((model, route)) = native_route(state, &batch, &first) else {
         return fall_back(state, &batch, "its native route is no longer configured").await;
     };
     let Some(native) = route.provider.client.native_batch() else {
@@ -92,7 +93,7 @@ async fn step(state: &AppState, owner: &str, lease: Duration, org_id: &str, id: 
     };
     let provider_batch = match &batch.native_batch_id {
         Some(provider_batch) => provider_batch.clone(),
-        None => match submit(state, &batch, &items, &model, &route, native).await {
+        None => match submit(state, &batch, &pending(state, id).await?, &model, &route, native).await {
             Ok(Some(provider_batch)) if store.set_native_batch_id(id, owner, &provider_batch).await.map_err(store_error)? => provider_batch,
             Ok(_) => return Ok(Next::Stop),
             Err(reason) => return fall_back(state, &batch, &reason).await,
@@ -101,7 +102,10 @@ async fn step(state: &AppState, owner: &str, lease: Duration, org_id: &str, id: 
     match native.status(&provider_batch).await {
         Ok(BatchState::Running) => Ok(Next::Wait),
         Ok(BatchState::Failed(reason)) => fall_back(state, &batch, &reason).await,
-        Ok(BatchState::Ended) => take_results(state, &batch, &items, (&model, &route), native, &provider_batch).await,
+        Ok(BatchState::Ended) => {
+            let items = pending(state, id).await?;
+            take_results(state, &batch, &items, (&model, &route), native, &provider_batch).await
+        }
         Err(e) if e.is_retryable() => Err(ApiError::Unavailable { message: format!("polling the provider's batch: {e}") }),
         Err(e) => fall_back(state, &batch, &e.to_string()).await,
     }

@@ -106,6 +106,7 @@ async fn a_batch_whose_cheapest_lane_is_native_runs_on_the_providers_batch_api_a
     let id = created["id"].as_str().unwrap().to_owned();
     let done = wait_terminal(&app, &key, &id, Duration::from_secs(30)).await;
     assert_eq!((done["status"].as_str(), &done["request_counts"]), (Some("completed"), &json!({"total": 3, "completed": 3, "failed": 0})));
+    assert_eq!(done["lane"], json!({"kind": "native", "route": NATIVE_ROUTE}), "it stayed on the native lane");
     let bulk = app.upstream("bulk");
     assert_eq!(bulk.batches_created(), 1, "one submission to the provider's batch API");
     assert_eq!(bulk.requests_for("/chat/completions"), 0, "no realtime call");
@@ -164,6 +165,13 @@ async fn a_completion_window_shorter_than_a_day_runs_on_the_realtime_lane() {
     let app = spawn_app_with(options()).await;
     let (org, key) = funded(&app).await;
     let items: Vec<Value> = (0..2).map(|i| json!({"customer_item_id": format!("q{i}"), "model": MODEL, "input": chat("hi", json!({}))})).collect();
+    // The same items with the default 24 h window (another organisation): the native lane.
+    let (_, other) = funded(&app).await;
+    let long = native_batch(&app, &other, "lanes-window-0", &json!({"items": items.clone()})).await;
+    assert_eq!(long.body["batch"]["lane"]["kind"], "native", "{}", long.body);
+    let long_id = long.body["batch"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_terminal(&app, &other, &long_id, Duration::from_secs(30)).await["status"], "completed");
+    assert_eq!(app.upstream("bulk").batches_created(), 1);
     let created = native_batch(&app, &key, "lanes-window-1", &json!({"items": items, "completion_window": "2h"})).await;
     assert_eq!(created.status, 201, "{}", created.body);
     let batch = &created.body["batch"];
@@ -171,7 +179,7 @@ async fn a_completion_window_shorter_than_a_day_runs_on_the_realtime_lane() {
     let id = batch["id"].as_str().unwrap().to_owned();
     let done = wait_terminal(&app, &key, &id, Duration::from_secs(30)).await;
     assert_eq!(done["status"], "completed", "{done}");
-    assert_eq!(app.upstream("bulk").batches_created(), 0);
+    assert_eq!(app.upstream("bulk").batches_created(), 1, "nothing more submitted");
     assert_eq!(app.upstream("bulk").requests_for("/chat/completions"), 2);
     let openai_shape = get(&app, &key, &format!("/v1/batches/{id}")).await;
     assert_eq!(openai_shape.status, 200);
@@ -191,7 +199,7 @@ async fn a_completion_window_shorter_than_a_day_runs_on_the_realtime_lane() {
     assert_eq!(created.body["batch"]["lane"]["kind"], "realtime", "{}", created.body);
     let id = created.body["batch"]["id"].as_str().unwrap().to_owned();
     assert_eq!(wait_terminal(&app, &key, &id, Duration::from_secs(30)).await["status"], "completed");
-    assert_eq!((app.upstream("bulk").batches_created(), app.upstream("bulk").requests_for("/chat/completions")), (0, 2));
+    assert_eq!((app.upstream("bulk").batches_created(), app.upstream("bulk").requests_for("/chat/completions")), (1, 2));
     assert_eq!(app.upstream("desi").requests_for("/chat/completions"), 2);
 }
 
@@ -215,6 +223,7 @@ async fn a_restart_while_the_providers_batch_runs_resumes_polling_without_submit
     app.upstream("bulk").set_scenario(Scenario { batch_delay_ms: 2_500, ..Scenario::default() });
     let id = openai_batch(&app, &key, 4).await["id"].as_str().unwrap().to_owned();
     wait_submitted(&app, &org, &id).await;
+    assert_eq!(get(&app, &key, &format!("/v1/batches/{id}")).await.body["lane"]["kind"], "native");
     let app = app.restart().await;
     let done = wait_terminal(&app, &key, &id, Duration::from_secs(30)).await;
     assert_eq!((done["status"].as_str(), done["request_counts"]["completed"].as_u64()), (Some("completed"), Some(4)), "{done}");
