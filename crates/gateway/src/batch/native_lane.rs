@@ -4,9 +4,10 @@
 //! store (renewed at every poll; another instance, or the restarted one, takes over once it
 //! lapses). The driver
 //!
-//! 1. submits every pending item once (each re-planned with its own routing preferences: if
-//!    the native route is no longer in an item's plan — residency, say — nothing is
-//!    submitted), and stores the provider's batch id before anything else. A driver that
+//! 1. submits every pending item once (each checked like a realtime item — a refused one gets
+//!    its error line instead — and re-planned with its own routing preferences: if the native
+//!    route is no longer in an item's plan — residency, say — nothing is submitted), and
+//!    stores the provider's batch id before anything else. A driver that
 //!    finds the id stored resumes polling: a restart never submits again. (A crash between
 //!    the provider accepting the batch and the id being stored would submit again; the items
 //!    would still be charged once, below.)
@@ -93,7 +94,7 @@ async fn step(state: &AppState, owner: &str, lease: Duration, org_id: &str, id: 
     };
     let provider_batch = match &batch.native_batch_id {
         Some(provider_batch) => provider_batch.clone(),
-        None => match submit(state, &batch, &pending(state, id).await?, &model, &route, native).await {
+        None => match submit(state, &batch, &pending(state, id).await?, (&model, &route), native).await {
             Ok(Some(provider_batch)) if store.set_native_batch_id(id, owner, &provider_batch).await.map_err(store_error)? => provider_batch,
             Ok(_) => return Ok(Next::Stop),
             Err(reason) => return fall_back(state, &batch, &reason).await,
@@ -158,34 +159,64 @@ fn custom_id(idx: i64) -> String {
     format!("item-{idx}")
 }
 
-/// Submits every pending item (`Ok(None)`: nothing to submit). `Err` is why the native lane
+/// Why an item is not submitted.
+enum Unfit {
+    /// The item itself is refused, as the realtime lane would refuse it: an error line.
+    Invalid(ApiError),
+    /// The native route cannot take it (its plan no longer keeps the route): the whole batch
+    /// goes to the realtime lane.
+    NotKept(String),
+}
+
+/// The item's request as it goes to the provider: checked like a realtime item (body,
+/// extensions, `stream`, ranges, guardrails) and planned with its own preferences, which must
+/// still keep the native route (residency fails closed).
+fn prepare(state: &AppState, principal: &crate::accounts::Principal, batch: &BatchRecord, item: &ClaimedItem, lane: (&Arc<Model>, &Arc<Route>)) -> Result<ChatCompletionRequest, Unfit> {
+    let mut request = chat_request(batch, item).ok_or_else(|| Unfit::Invalid(ApiError::invalid("invalid request body", None)))?;
+    let ext = take_extensions(&mut request.extra).map_err(Unfit::Invalid)?;
+    if request.stream {
+        return Err(Unfit::Invalid(ApiError::invalid("`stream` is not supported in a batch", Some("stream".into()))));
+    }
+    crate::http::chat::validate_chat(&request).map_err(Unfit::Invalid)?;
+    let admitted = crate::http::admit::admit(state, principal, &request.model, &ext, crate::config::ModelType::Chat).map_err(Unfit::Invalid)?;
+    let (model, route) = lane;
+    let kept = admitted.plan.candidates.iter().any(|c| Arc::ptr_eq(&c.route, route) && Arc::ptr_eq(&c.model, model));
+    if !kept || ext.upstream_key.is_some() {
+        return Err(Unfit::NotKept(format!("item {}'s plan does not keep the native route", item.idx)));
+    }
+    Ok(request)
+}
+
+/// Completes a refused item with its error line (not charged).
+async fn refuse(state: &AppState, batch: &BatchRecord, item: &ClaimedItem, e: &ApiError) -> Result<(), String> {
+    let body = serde_json::to_value(e.envelope()).unwrap_or(Value::Null);
+    let line = result_line(&batch.id, item.idx, &item.custom_id, e.status().as_u16(), &generation_id(&batch.id, item.idx), &body);
+    state.batches.store.complete_native_item(&batch.id, item.idx, &line, true).await.map(drop).map_err(|e| e.to_string())
+}
+
+/// Submits every pending item that is fit (`Ok(None)`: none is). `Err` is why the native lane
 /// cannot run the batch.
 async fn submit(
     state: &AppState,
     batch: &BatchRecord,
     items: &[ClaimedItem],
-    model: &Arc<Model>,
-    route: &Arc<Route>,
+    lane: (&Arc<Model>, &Arc<Route>),
     native: &dyn NativeBatch,
 ) -> Result<Option<String>, String> {
-    if items.is_empty() {
-        return Ok(None);
-    }
     let principal = state.admission.accounts.principal_of(&batch.org_id, &batch.key_id).ok_or("the batch's key is gone")?;
     let mut requests = Vec::with_capacity(items.len());
     for item in items {
-        let mut request = chat_request(batch, item).ok_or_else(|| format!("item {} is not a chat request", item.idx))?;
-        let ext = take_extensions(&mut request.extra).map_err(|e| e.to_string())?;
-        // Planned as it would run: residency and the item's preferences must keep the route.
-        let admitted = crate::http::admit::admit(state, &principal, &request.model, &ext, crate::config::ModelType::Chat)
-            .map_err(|e| format!("item {}: {e}", item.idx))?;
-        let kept = admitted.plan.candidates.iter().any(|c| Arc::ptr_eq(&c.route, route) && Arc::ptr_eq(&c.model, model));
-        if !kept || ext.upstream_key.is_some() {
-            return Err(format!("item {}'s plan does not keep the native route", item.idx));
+        match prepare(state, &principal, batch, item, lane) {
+            Ok(request) => requests.push(BatchRequest { custom_id: custom_id(item.idx), request }),
+            Err(Unfit::Invalid(e)) => refuse(state, batch, item, &e).await?,
+            Err(Unfit::NotKept(reason)) => return Err(reason),
         }
-        requests.push(BatchRequest { custom_id: custom_id(item.idx), request });
     }
-    native.submit(&requests, &route.upstream_model).await.map(Some).map_err(|e| format!("the provider refused the batch: {e}"))
+    if requests.is_empty() {
+        return Ok(None);
+    }
+    let submitted = native.submit(&requests, &lane.1.upstream_model).await;
+    submitted.map(Some).map_err(|e| format!("the provider refused the batch: {e}"))
 }
 
 /// Writes and charges every result; what has none runs on the realtime lane.

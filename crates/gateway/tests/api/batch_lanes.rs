@@ -3,7 +3,9 @@
 //! charged once at the batch price; the quote shows the realtime and native lanes and why a
 //! native lane is rejected (no batch price, completion window, residency); a completion window
 //! shorter than 24 h picks the realtime lane; a restart while the provider's batch runs resumes
-//! polling without submitting again; a refused submission falls back to the realtime lane.
+//! polling without submitting again; a refused submission falls back to the realtime lane; an
+//! item the realtime lane would refuse gets its error line without being submitted; an
+//! Anthropic route runs on Message Batches, its results translated to chat completions.
 
 use std::time::{Duration, Instant};
 
@@ -249,4 +251,56 @@ async fn a_refused_native_submission_falls_back_to_the_realtime_lane() {
     assert_eq!((bulk.batches_created(), bulk.requests_for("/chat/completions")), (0, 3));
     let lines = output(&app, &key, &done).await;
     assert_charged_at(&app, &org, &id, &lines, "2", "8").await;
+}
+
+#[tokio::test]
+async fn an_item_the_realtime_lane_would_refuse_gets_its_error_line_and_the_rest_run_natively() {
+    let app = spawn_app_with(options()).await;
+    let (org, key) = funded(&app).await;
+    let mut lines: Vec<String> = (0..2).map(|i| line(&format!("ok-{i}"), "/v1/chat/completions", chat("fine", json!({})))).collect();
+    lines.push(line("too-hot", "/v1/chat/completions", chat("x", json!({"temperature": 7}))));
+    let file = upload(&app, &key, "batch", lines.join("\n")).await.body["id"].as_str().unwrap().to_owned();
+    let created = post(&app, &key, "/v1/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!(created.body["lane"]["kind"], "native", "{}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let done = wait_terminal(&app, &key, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["request_counts"], json!({"total": 3, "completed": 2, "failed": 1}), "{done}");
+    assert_eq!(app.upstream("bulk").batches_created(), 1);
+    let (_, errors) = content(&app, &key, done["error_file_id"].as_str().unwrap()).await;
+    let error: Value = serde_json::from_str(errors.lines().next().unwrap()).unwrap();
+    assert_eq!((error["custom_id"].as_str(), error["response"]["status_code"].as_u64()), (Some("too-hot"), Some(400)));
+    assert!(error["response"]["body"]["error"]["message"].as_str().unwrap().contains("temperature"), "{error}");
+    let lines = output(&app, &key, &done).await;
+    assert_eq!(lines.len(), 2);
+    let charges = wait_for_charges(&app, &org, 2).await;
+    assert_eq!(charges.len(), 2, "the refused item is not charged");
+}
+
+#[tokio::test]
+async fn an_anthropic_route_runs_on_message_batches_translated_to_chat_completions() {
+    let mut options = options();
+    let claude = r#"{ provider = "anthropic-main", model = "claude-mock", input_per_mtok = "3", output_per_mtok = "15", currency = "USD", batch_input_per_mtok = "1.5", batch_output_per_mtok = "7.5" }"#;
+    options.extra_toml.push_str(&format!("\n[models.\"lanes/claude\"]\nroutes = [{claude}]\n"));
+    let app = spawn_app_with(options).await;
+    let (org, key) = funded(&app).await;
+    let lines: Vec<String> = (0..2)
+        .map(|i| {
+            let body = json!({"model": "lanes/claude", "max_tokens": 16, "messages": [{"role": "user", "content": format!("question {i}")}]});
+            line(&format!("c-{i}"), "/v1/chat/completions", body)
+        })
+        .collect();
+    let file = upload(&app, &key, "batch", lines.join("\n")).await.body["id"].as_str().unwrap().to_owned();
+    let created = post(&app, &key, "/v1/batches", &json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!(created.body["lane"], json!({"kind": "native", "route": "anthropic-main/claude-mock"}), "{}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let done = wait_terminal(&app, &key, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["request_counts"]["completed"], 2, "{done}");
+    assert_eq!((app.mock.batches_created(), app.mock.requests_for("/messages")), (1, 0));
+    let lines = output(&app, &key, &done).await;
+    for l in &lines {
+        let body = &l["response"]["body"];
+        assert_eq!((body["object"].as_str(), body["model"].as_str()), (Some("chat.completion"), Some("lanes/claude")), "{l}");
+        assert!(body["choices"][0]["message"]["content"].as_str().is_some_and(|t| !t.is_empty()), "{l}");
+    }
+    assert_charged_at(&app, &org, &id, &lines, "1.5", "7.5").await;
 }
