@@ -73,28 +73,7 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
     if file.purpose != "batch" {
         return Err(ApiError::invalid("the input file's purpose must be \"batch\"", Some("input_file_id".into())));
     }
-    let mut items = Vec::new();
-    let mut seen = HashSet::new();
-    let mut max_cost = Money::zero(principal.org.currency);
-    let max_items = batches.settings.max_items;
-    let mut lanes = None;
-    read_batch_lines(&batches.path_of(&file.id), |number, line| {
-        let at = |m: String| ApiError::invalid(format!("input file line {number}: {m}"), Some("input_file_id".into()));
-        if line.url != req.endpoint {
-            return Err(at(format!("`url` is {} but the batch's endpoint is {}", line.url, req.endpoint)));
-        }
-        if !seen.insert(line.custom_id.clone()) {
-            return Err(at(format!("`custom_id` \"{}\" is used twice", line.custom_id)));
-        }
-        if items.len() >= max_items {
-            return Err(at(format!("a batch holds at most {max_items} requests")));
-        }
-        let cost = item_max_cost(state, principal, &req.endpoint, line.body.get(), &mut lanes).map_err(|e| at(e.to_string()))?;
-        max_cost.amount += state.registry.fx.convert(cost, principal.org.currency).amount;
-        items.push(NewItem { custom_id: line.custom_id, body: line.body.get().to_owned() });
-        Ok(())
-    })
-    .await?;
+    let (items, max_cost, lanes) = read_items(state, principal, &req.endpoint, &batches.path_of(&file.id)).await?;
     if items.is_empty() {
         return Err(ApiError::invalid("the input file holds no requests", Some("input_file_id".into())));
     }
@@ -124,6 +103,38 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
     store_batch(state, &batch, &items).await?;
     batches.wake.notify_waiters();
     Ok(batch)
+}
+
+/// The items of the input file (each line checked), their maximum cost and lane tally.
+async fn read_items(
+    state: &AppState,
+    principal: &Principal,
+    endpoint: &str,
+    path: &std::path::Path,
+) -> Result<(Vec<NewItem>, Money, Option<Tally>), ApiError> {
+    let mut items = Vec::new();
+    let mut seen = HashSet::new();
+    let mut max_cost = Money::zero(principal.org.currency);
+    let max_items = state.batches.settings.max_items;
+    let mut lanes = None;
+    read_batch_lines(path, |number, line| {
+        let at = |m: String| ApiError::invalid(format!("input file line {number}: {m}"), Some("input_file_id".into()));
+        if line.url != endpoint {
+            return Err(at(format!("`url` is {} but the batch's endpoint is {}", line.url, endpoint)));
+        }
+        if !seen.insert(line.custom_id.clone()) {
+            return Err(at(format!("`custom_id` \"{}\" is used twice", line.custom_id)));
+        }
+        if items.len() >= max_items {
+            return Err(at(format!("a batch holds at most {max_items} requests")));
+        }
+        let cost = item_max_cost(state, principal, endpoint, line.body.get(), &mut lanes).map_err(|e| at(e.to_string()))?;
+        max_cost.amount += state.registry.fx.convert(cost, principal.org.currency).amount;
+        items.push(NewItem { custom_id: line.custom_id, body: line.body.get().to_owned() });
+        Ok(())
+    })
+    .await?;
+    Ok((items, max_cost, lanes))
 }
 
 /// The most one item can cost: its body parsed as the endpoint's request, its model admitted

@@ -106,7 +106,6 @@ pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<String, ApiErr
 /// Creates a native batch, or returns the one this key already created (`true`: a replay).
 pub async fn create(state: &AppState, principal: &Principal, key: String, body: Value) -> Result<(BatchRecord, bool), ApiError> {
     let hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
-    let store = &state.batches.store;
     if let Some(existing) = replay(state, principal, &key, &hash).await? {
         return Ok((existing, true));
     }
@@ -148,18 +147,24 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         lane_route,
         ..BatchRecord::default()
     };
-    if let Err(e) = store.create_batch(&batch, &items).await {
-        if let Some(lease) = &batch.credit_lease_id {
-            let _ = state.admission.ledger.repo().close_lease(lease).await;
-        }
-        // A concurrent create with the same key won the unique index.
-        return match replay(state, principal, &key, &hash).await? {
-            Some(existing) => Ok((existing, true)),
-            None => Err(store_error(e)),
-        };
+    store_or_replay(state, principal, batch, &items).await
+}
+
+/// Stores the new batch; when a concurrent create with the same key won the unique index,
+/// gives the credit lease back and returns that batch (`true`: a replay).
+async fn store_or_replay(state: &AppState, principal: &Principal, batch: BatchRecord, items: &[NewItem]) -> Result<(BatchRecord, bool), ApiError> {
+    let Err(e) = state.batches.store.create_batch(&batch, items).await else {
+        state.batches.wake.notify_waiters();
+        return Ok((batch, false));
+    };
+    if let Some(lease) = &batch.credit_lease_id {
+        let _ = state.admission.ledger.repo().close_lease(lease).await;
     }
-    state.batches.wake.notify_waiters();
-    Ok((batch, false))
+    let (key, hash) = (batch.idempotency_key.unwrap_or_default(), batch.request_hash.unwrap_or_default());
+    match replay(state, principal, &key, &hash).await? {
+        Some(existing) => Ok((existing, true)),
+        None => Err(store_error(e)),
+    }
 }
 
 async fn replay(state: &AppState, principal: &Principal, key: &str, hash: &str) -> Result<Option<BatchRecord>, ApiError> {
