@@ -265,18 +265,36 @@ pub(crate) async fn create_anthropic(State(shared): State<Arc<Shared>>, uri: Uri
     respond::json(StatusCode::OK, &object)
 }
 
+/// Unix seconds as an RFC 3339 UTC timestamp (Anthropic's batch times), e.g.
+/// `2026-12-02T04:19:00Z`.
+fn rfc3339(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rest = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
 fn anthropic_object(id: &str, b: &Batch, headers: &HeaderMap) -> Value {
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("127.0.0.1");
     let (status, processing, succeeded, errored) = match &b.results {
         Some(r) => ("ended", 0, r.iter().filter(|(_, x)| x.is_ok()).count(), r.iter().filter(|(_, x)| x.is_err()).count()),
         None => ("in_progress", b.requests.len(), 0, 0),
     };
-    let ended = b.results.as_ref().map(|_| text::now_secs());
-    let results_url = ended.map(|_| format!("http://{host}/v1/messages/batches/{id}/results"));
+    let ended = b.results.as_ref().map(|_| rfc3339(text::now_secs()));
+    let results_url = ended.as_ref().map(|_| format!("http://{host}/v1/messages/batches/{id}/results"));
     json!({
         "id": id, "type": "message_batch", "processing_status": status,
         "request_counts": {"processing": processing, "succeeded": succeeded, "errored": errored, "canceled": 0, "expired": 0},
-        "created_at": b.created_s, "ended_at": ended, "expires_at": b.created_s + 86_400,
+        "created_at": rfc3339(b.created_s), "ended_at": ended, "expires_at": rfc3339(b.created_s + 86_400),
         "archived_at": null, "cancel_initiated_at": null, "results_url": results_url,
     })
 }
@@ -309,4 +327,14 @@ pub(crate) async fn anthropic_results(State(shared): State<Arc<Shared>>, Path(id
         body.push('\n');
     }
     respond::raw(StatusCode::OK, "application/binary", Bytes::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_185_140), "2026-12-02T04:19:00Z");
+    }
 }

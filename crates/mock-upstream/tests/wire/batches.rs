@@ -92,6 +92,7 @@ async fn anthropic_message_batches_end_with_jsonl_results() {
     let id = created["id"].as_str().unwrap();
     let ended = get_json(format!("{}/messages/batches/{id}", m.anthropic_base()), true).await;
     assert_eq!(ended["processing_status"], "ended");
+    assert!(ended["ended_at"].as_str().is_some_and(|t| t.ends_with('Z') && t.contains('T')), "RFC 3339: {ended}");
     assert_eq!((ended["request_counts"]["succeeded"].as_u64(), ended["request_counts"]["errored"].as_u64()), (Some(1), Some(1)));
     let results = get_text(ended["results_url"].as_str().unwrap().to_owned(), true).await;
     let lines: Vec<Value> = results.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
