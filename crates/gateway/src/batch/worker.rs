@@ -44,6 +44,8 @@ const DELIVERY_LEASE_MS: i64 = 30_000;
 struct NativeDrivers {
     tasks: tokio::task::JoinSet<String>,
     running: HashSet<String>,
+    /// Batches whose driver stopped, and when to look at them again.
+    not_before: HashMap<String, std::time::Instant>,
 }
 
 /// One semaphore per provider, created on first use.
@@ -134,14 +136,19 @@ impl Worker {
     /// Starts a driver for each native-lane batch in progress that has none here yet (the
     /// store's native lease decides which instance actually drives it).
     fn drive_native_lanes(&self, drivers: &mut NativeDrivers) {
+        let now = std::time::Instant::now();
+        let pause = Duration::from_millis(self.state.batches.settings.native_poll_ms.max(10));
         while let Some(done) = drivers.tasks.try_join_next() {
             if let Ok(id) = done {
                 drivers.running.remove(&id);
+                // Stopped (ended, fell back, or another worker holds it): look again later.
+                drivers.not_before.insert(id, now + pause);
             }
         }
+        drivers.not_before.retain(|_, at| *at > now);
         let batches: Vec<Arc<BatchRecord>> = Self::lock(&self.batches).values().cloned().collect();
         for batch in batches.iter().filter(|b| b.lane == LANE_NATIVE && b.status == "in_progress") {
-            if drivers.running.insert(batch.id.clone()) {
+            if !drivers.not_before.contains_key(&batch.id) && drivers.running.insert(batch.id.clone()) {
                 let (state, owner, id, org) = (self.state.clone(), self.owner.clone(), batch.id.clone(), batch.org_id.clone());
                 drivers.tasks.spawn(async move {
                     super::native_lane::drive(state, owner, id.clone(), org).await;
