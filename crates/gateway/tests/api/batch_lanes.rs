@@ -160,6 +160,12 @@ async fn the_quote_shows_both_lanes_and_why_a_native_lane_is_rejected() {
     let resident = quote(json!({"items": [item("a", json!({"data_policy": "india_only"}))]})).await;
     assert_eq!(lane(&resident, &native_id)["rejection"]["reason"], "residency", "{resident}");
     assert_eq!(lane(&resident, &format!("{MODEL}:desi/desi-model"))["selected"], true);
+    // A provider without a batch API has no native lane.
+    let gemini = json!({"customer_item_id": "g", "model": "test/gemini-chat", "input": {"input": "hi"}});
+    let no_api = quote(json!({"items": [gemini]})).await;
+    let native = lane(&no_api, "test/gemini-chat:gemini-main/gemini-mock:batch");
+    assert_eq!((native["selected"].as_bool(), native["rejection"]["reason"].as_str()), (Some(false), Some("no_native_api")));
+    assert_eq!(lane(&no_api, "test/gemini-chat:gemini-main/gemini-mock")["selected"], true);
 }
 
 #[tokio::test]
