@@ -9,6 +9,9 @@
 //!   `request_counts`, `results_url`), `GET /v1/messages/batches/{id}/results` (JSONL
 //!   `{custom_id, result: {type: succeeded, message} | {type: errored, error}}`).
 //!
+//! `POST /v1/batches/{id}/cancel` and `POST /v1/messages/batches/{id}/cancel` cancel a batch
+//! that has not ended (no results; [`crate::MockUpstream::batches_cancelled`]).
+//!
 //! A batch ends `Scenario::batch_delay_ms` after its creation (0: at the first poll); its
 //! answers are the same as the realtime routes' (and `Scenario::reply` at creation applies).
 //! Creations (file uploads and batch creates) go through the failure gate; polls and
@@ -43,6 +46,8 @@ struct Batch {
     results: Option<Vec<(String, Result<Value, String>)>>,
     output_file_id: Option<String>,
     error_file_id: Option<String>,
+    /// Cancelled before it ended: no results.
+    cancelled: bool,
 }
 
 impl Batch {
@@ -57,6 +62,7 @@ pub(crate) struct Store {
     files: Mutex<HashMap<String, Vec<u8>>>,
     batches: Mutex<HashMap<String, Batch>>,
     pub(crate) created: std::sync::atomic::AtomicU64,
+    pub(crate) cancelled: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -172,12 +178,13 @@ fn new_batch(scenario: &crate::Scenario, requests: Vec<(String, Value)>, input_f
         results: None,
         output_file_id: None,
         error_file_id: None,
+        cancelled: false,
     }
 }
 
 /// Ends a due batch: answers every request and (OpenAI) writes the output and error files.
 fn advance(store: &Store, batch: &mut Batch, answer: fn(&Value, Option<&String>) -> Result<Value, String>, files: bool) {
-    if batch.results.is_some() || !batch.due() {
+    if batch.results.is_some() || batch.cancelled || !batch.due() {
         return;
     }
     let results: Vec<_> = batch.requests.iter().map(|(id, body)| (id.clone(), answer(body, batch.reply.as_ref()))).collect();
@@ -212,6 +219,7 @@ fn advance(store: &Store, batch: &mut Batch, answer: fn(&Value, Option<&String>)
 fn openai_object(id: &str, b: &Batch) -> Value {
     let total = b.requests.len();
     let (status, done, failed) = match &b.results {
+        None if b.cancelled => ("cancelled", 0, 0),
         Some(r) => ("completed", r.iter().filter(|(_, x)| x.is_ok()).count(), r.iter().filter(|(_, x)| x.is_err()).count()),
         None if b.created.elapsed().as_millis() * 2 < u128::from(b.delay_ms) => ("validating", 0, 0),
         None => ("in_progress", 0, 0),
@@ -286,14 +294,16 @@ fn rfc3339(secs: u64) -> String {
 fn anthropic_object(id: &str, b: &Batch, headers: &HeaderMap) -> Value {
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("127.0.0.1");
     let (status, processing, succeeded, errored) = match &b.results {
+        None if b.cancelled => ("ended", 0, 0, 0),
         Some(r) => ("ended", 0, r.iter().filter(|(_, x)| x.is_ok()).count(), r.iter().filter(|(_, x)| x.is_err()).count()),
         None => ("in_progress", b.requests.len(), 0, 0),
     };
-    let ended = b.results.as_ref().map(|_| rfc3339(text::now_secs()));
+    let ended = (b.results.is_some() || b.cancelled).then(|| rfc3339(text::now_secs()));
     let results_url = ended.as_ref().map(|_| format!("http://{host}/v1/messages/batches/{id}/results"));
+    let canceled = if b.cancelled { b.requests.len() } else { 0 };
     json!({
         "id": id, "type": "message_batch", "processing_status": status,
-        "request_counts": {"processing": processing, "succeeded": succeeded, "errored": errored, "canceled": 0, "expired": 0},
+        "request_counts": {"processing": processing, "succeeded": succeeded, "errored": errored, "canceled": canceled, "expired": 0},
         "created_at": rfc3339(b.created_s), "ended_at": ended, "expires_at": rfc3339(b.created_s + 86_400),
         "archived_at": null, "cancel_initiated_at": null, "results_url": results_url,
     })
@@ -316,8 +326,15 @@ pub(crate) async fn anthropic_results(State(shared): State<Arc<Shared>>, Path(id
         return refused;
     }
     let batches = lock(&shared.batches.batches);
-    let Some(results) = batches.get(&id).and_then(|b| b.results.as_ref()) else { return not_found::<Anthropic>("ended message batch") };
+    let Some(batch) = batches.get(&id) else { return not_found::<Anthropic>("message batch") };
     let mut body = String::new();
+    if batch.cancelled {
+        for (custom_id, _) in &batch.requests {
+            body.push_str(&json!({"custom_id": custom_id, "result": {"type": "canceled"}}).to_string());
+            body.push('\n');
+        }
+    }
+    let Some(results) = batch.results.as_ref() else { return respond::raw(StatusCode::OK, "application/binary", Bytes::from(body)) };
     for (custom_id, result) in results {
         let result = match result {
             Ok(message) => json!({"type": "succeeded", "message": message}),
@@ -327,6 +344,47 @@ pub(crate) async fn anthropic_results(State(shared): State<Arc<Shared>>, Path(id
         body.push('\n');
     }
     respond::raw(StatusCode::OK, "application/binary", Bytes::from(body))
+}
+
+/// Cancels a batch that has not ended; `None` when there is no such batch.
+fn cancel(shared: &Shared, id: &str) -> Option<()> {
+    let mut batches = lock(&shared.batches.batches);
+    let batch = batches.get_mut(id)?;
+    if batch.results.is_none() && !batch.cancelled {
+        batch.cancelled = true;
+        shared.batches.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+    Some(())
+}
+
+/// `POST /v1/batches/{id}/cancel`.
+pub(crate) async fn cancel_openai(State(shared): State<Arc<Shared>>, Path(id): Path<String>, uri: Uri, headers: HeaderMap) -> Response {
+    if let Some(refused) = refused::<OpenAi>(&shared, Kind::Batches, uri, headers) {
+        return refused;
+    }
+    if cancel(&shared, &id).is_none() {
+        return not_found::<OpenAi>("batch");
+    }
+    let batches = lock(&shared.batches.batches);
+    match batches.get(&id) {
+        Some(batch) => respond::json(StatusCode::OK, &openai_object(&id, batch)),
+        None => not_found::<OpenAi>("batch"),
+    }
+}
+
+/// `POST /v1/messages/batches/{id}/cancel`.
+pub(crate) async fn cancel_anthropic(State(shared): State<Arc<Shared>>, Path(id): Path<String>, uri: Uri, headers: HeaderMap) -> Response {
+    if let Some(refused) = refused::<Anthropic>(&shared, Kind::MessageBatches, uri, headers.clone()) {
+        return refused;
+    }
+    if cancel(&shared, &id).is_none() {
+        return not_found::<Anthropic>("message batch");
+    }
+    let batches = lock(&shared.batches.batches);
+    match batches.get(&id) {
+        Some(batch) => respond::json(StatusCode::OK, &anthropic_object(&id, batch, &headers)),
+        None => not_found::<Anthropic>("message batch"),
+    }
 }
 
 #[cfg(test)]

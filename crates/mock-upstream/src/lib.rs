@@ -441,6 +441,11 @@ impl MockUpstream {
         self.shared.batches.created.load(Ordering::Relaxed)
     }
 
+    /// Batches cancelled (before they ended) through either batch API.
+    pub fn batches_cancelled(&self) -> u64 {
+        self.shared.batches.cancelled.load(Ordering::Relaxed)
+    }
+
     /// Counters, recorded request and scenario back to the defaults.
     pub fn reset(&self) {
         self.shared.reset();
@@ -472,9 +477,11 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/files/{id}/content", get(batches::file_content))
         .route("/v1/batches", post(batches::create_openai))
         .route("/v1/batches/{id}", get(batches::get_openai))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel_openai))
         .route("/v1/messages/batches", post(batches::create_anthropic))
         .route("/v1/messages/batches/{id}", get(batches::get_anthropic))
         .route("/v1/messages/batches/{id}/results", get(batches::anthropic_results))
+        .route("/v1/messages/batches/{id}/cancel", post(batches::cancel_anthropic))
         .route("/v1beta/models/{*rest}", post(gemini::dispatch))
         .route("/__mock/scenario", post(control_scenario))
         .route("/__mock/reset", post(control_reset))

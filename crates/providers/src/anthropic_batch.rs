@@ -5,6 +5,7 @@
 //! JSONL at its `results_url`: `{custom_id, result: {type: succeeded, message} | {type:
 //! errored, error} | {type: canceled | expired}}`. Messages are translated back to OpenAI chat
 //! completions with the same conversion as the realtime path.
+//! `POST {base_url}/messages/batches/{id}/cancel` cancels one.
 
 use marga_protocol::anthropic::{from_messages_response, to_messages_request, MessagesRequest, MessagesResponse};
 use reqwest::Method;
@@ -116,5 +117,11 @@ impl NativeBatch for AnthropicProvider {
 
     fn results<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<BatchResult>, ProviderError>> {
         Box::pin(self.fetch(id))
+    }
+
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            http::send_checked(self.request(Method::POST, &format!("/messages/batches/{id}/cancel"))?).await.map(drop)
+        })
     }
 }

@@ -2,7 +2,7 @@
 //! capability of a [`Provider`](crate::Provider), reached with
 //! [`Provider::native_batch`](crate::Provider::native_batch). A caller submits a set of chat
 //! requests once, polls the provider's batch until it has ended, then fetches every item's
-//! result, already translated to an OpenAI chat completion.
+//! result, already translated to an OpenAI chat completion; or cancels it.
 //!
 //! Item ids are the caller's (`custom_id`); Anthropic accepts only `[A-Za-z0-9_-]{1,64}`, so
 //! callers should use ids of that form. Like the rest of this crate, nothing here knows of
@@ -60,6 +60,9 @@ pub trait NativeBatch: Send + Sync {
 
     /// Every result of an ended batch `id`, in no particular order.
     fn results<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<BatchResult>, ProviderError>>;
+
+    /// Asks the provider to stop batch `id` (what already finished is still billed by it).
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>>;
 }
 
 /// A result line's body that is not the expected shape.

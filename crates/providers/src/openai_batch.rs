@@ -4,6 +4,7 @@
 //! is polled (`validating` → `in_progress` → `finalizing` → `completed`), and the results are
 //! the lines of its output and error files (`GET {base_url}/files/{id}/content`):
 //! `{id, custom_id, response: {status_code, request_id, body}, error}`.
+//! `POST {base_url}/batches/{id}/cancel` cancels one.
 
 use marga_protocol::openai::{ChatCompletionResponse, Outbound};
 use reqwest::Method;
@@ -133,6 +134,12 @@ impl NativeBatch for OpenAiProvider {
                 "completed" | "expired" => BatchState::Ended,
                 other => BatchState::Failed(format!("the provider's batch is {other}")),
             })
+        })
+    }
+
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            http::send_checked(self.request(Method::POST, &format!("/batches/{id}/cancel"))?).await.map(drop)
         })
     }
 

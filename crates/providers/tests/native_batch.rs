@@ -89,3 +89,25 @@ async fn gemini_and_sandbox_have_no_native_batch_api() {
     let sandbox: std::sync::Arc<dyn Provider> = build(settings(ProviderKind::Sandbox, String::new())).unwrap();
     assert!(sandbox.native_batch().is_none());
 }
+
+#[tokio::test]
+async fn a_cancelled_batch_ends_without_answers() {
+    for kind in [ProviderKind::Openai, ProviderKind::Anthropic] {
+        let mock = MockUpstream::start().await.unwrap();
+        mock.set_scenario(Scenario { batch_delay_ms: 60_000, ..Scenario::default() });
+        let provider = build(settings(kind, mock.openai_base())).unwrap();
+        let native = provider.native_batch().unwrap();
+        let id = native.submit(&requests(), "m").await.unwrap();
+        native.cancel(&id).await.unwrap();
+        assert_eq!(mock.batches_cancelled(), 1);
+        match native.status(&id).await.unwrap() {
+            BatchState::Failed(reason) => assert!(reason.contains("cancelled"), "{kind:?}: {reason}"),
+            BatchState::Ended => {
+                let results = native.results(&id).await.unwrap();
+                assert_eq!(results.len(), 2, "{kind:?}");
+                assert!(results.iter().all(|r| r.outcome.as_ref().is_err_and(|e| e.message.contains("canceled"))), "{kind:?}");
+            }
+            BatchState::Running => panic!("{kind:?}: still running after cancel"),
+        }
+    }
+}

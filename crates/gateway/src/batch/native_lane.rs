@@ -19,7 +19,8 @@
 //!
 //! A submission the provider refuses, a provider batch that fails as a whole, and items
 //! without a result all **fall back to the realtime lane**: the batch's lane becomes
-//! `realtime` and the ordinary worker claims what is still pending.
+//! `realtime` and the ordinary worker claims what is still pending. A native-lane batch that
+//! ends cancelled or expired has its provider batch cancelled ([`cancel_provider_batch`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -323,4 +324,16 @@ async fn charge(
     response.id.clone_from(&ctx.id);
     response.model.clone_from(&model.id);
     serde_json::to_value(&response).map_err(|e| ApiError::Internal(e.into()))
+}
+
+/// Asks the provider to stop the batch's native batch (best effort: it is logged when it
+/// fails). Called when a native-lane batch ends cancelled or expired.
+pub async fn cancel_provider_batch(state: &AppState, batch: &BatchRecord) {
+    let (Some(provider_batch), Some(label)) = (&batch.native_batch_id, &batch.lane_route) else { return };
+    let route = state.registry.routes().map(|(_, r)| r).find(|r| &r.label() == label);
+    let Some(native) = route.and_then(|r| r.provider.client.native_batch()) else { return };
+    match native.cancel(provider_batch).await {
+        Ok(()) => tracing::info!(batch = %batch.id, %provider_batch, "native batch lane: the provider's batch was cancelled"),
+        Err(e) => tracing::warn!(batch = %batch.id, %provider_batch, error = %e, "native batch lane: could not cancel the provider's batch"),
+    }
 }

@@ -318,6 +318,9 @@ impl Worker {
                 match store.finish_batch(&batch.id, status, output.as_ref(), errors.as_ref(), unix_now_ms()).await {
                     Ok(true) => {
                         self.release_credit(batch).await;
+                        if status != "completed" && batch.lane == LANE_NATIVE {
+                            super::native_lane::cancel_provider_batch(&self.state, batch).await;
+                        }
                         let (out, err) = (output.as_ref().map(|f| f.id.as_str()), errors.as_ref().map(|f| f.id.as_str()));
                         Self::lock(&self.progress).remove(&batch.id);
                         self.notify(batch, webhook::event(batch, status, status, out, err), webhook::MAX_ATTEMPTS).await;

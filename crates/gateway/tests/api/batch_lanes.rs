@@ -5,7 +5,8 @@
 //! shorter than 24 h picks the realtime lane; a restart while the provider's batch runs resumes
 //! polling without submitting again; a refused submission falls back to the realtime lane; an
 //! item the realtime lane would refuse gets its error line without being submitted; an
-//! Anthropic route runs on Message Batches, its results translated to chat completions.
+//! Anthropic route runs on Message Batches, its results translated to chat completions;
+//! cancelling a native-lane batch cancels the provider's batch.
 
 use std::time::{Duration, Instant};
 
@@ -309,4 +310,26 @@ async fn an_anthropic_route_runs_on_message_batches_translated_to_chat_completio
         assert!(body["choices"][0]["message"]["content"].as_str().is_some_and(|t| !t.is_empty()), "{l}");
     }
     assert_charged_at(&app, &org, &id, &lines, "1.5", "7.5").await;
+}
+
+#[tokio::test]
+async fn cancelling_a_native_lane_batch_cancels_the_providers_batch_and_charges_nothing() {
+    let app = spawn_app_with(options()).await;
+    let (org, key) = funded(&app).await;
+    app.upstream("bulk").set_scenario(Scenario { batch_delay_ms: 60_000, ..Scenario::default() });
+    let id = openai_batch(&app, &key, 2).await["id"].as_str().unwrap().to_owned();
+    wait_submitted(&app, &org, &id).await;
+    let cancelled = post(&app, &key, &format!("/v1/batches/{id}/cancel"), &json!({})).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    let done = wait_terminal(&app, &key, &id, Duration::from_secs(30)).await;
+    assert_eq!((done["status"].as_str(), done["request_counts"]["completed"].as_u64()), (Some("cancelled"), Some(0)), "{done}");
+    let bulk = app.upstream("bulk");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bulk.batches_cancelled() == 0 {
+        assert!(Instant::now() < deadline, "the provider's batch was not cancelled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((bulk.batches_created(), bulk.batches_cancelled(), bulk.requests_for("/chat/completions")), (1, 1, 0));
+    let charges = app.store.entries(&org, None, 100).await.unwrap().into_iter().filter(|e| e.kind == "charge").count();
+    assert_eq!(charges, 0);
 }
