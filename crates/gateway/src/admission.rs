@@ -18,7 +18,7 @@ use crate::budget::{Cap, Hold, Period, Scope, SpendTracker};
 use crate::error::ApiError;
 use crate::ledger::{Ledger, LedgerError, Reservation};
 use crate::limits::{LimitDefaults, Limiter, Quota, Refusal};
-use crate::money::{decimal_to_nanos_ceil, nanos_to_decimal, Currency, Fx, Money, TokenCounts};
+use crate::money::{decimal_to_nanos_ceil, nanos_to_decimal, Currency, Fx, Money, TokenCounts, TokenPrice};
 use crate::pipeline::unix_now_ms;
 use crate::registry::Route;
 
@@ -212,7 +212,13 @@ pub fn check_models(guardrail: &GuardrailRecord, model_id: &str) -> Result<(), A
 impl Billing {
     /// What `tokens` on `route` cost the organisation, rounded up to the nano.
     pub fn cost(&self, route: &Route, tokens: TokenCounts) -> Money {
-        let converted = self.fx.convert(route.price.cost(tokens), self.org.currency);
+        self.cost_at(&route.price, tokens)
+    }
+
+    /// What `tokens` at `price` (a route's batch price, say) cost the organisation, rounded
+    /// up to the nano.
+    pub fn cost_at(&self, price: &TokenPrice, tokens: TokenCounts) -> Money {
+        let converted = self.fx.convert(price.cost(tokens), self.org.currency);
         Money { amount: nanos_to_decimal(decimal_to_nanos_ceil(converted.amount)), currency: self.org.currency }
     }
 

@@ -34,6 +34,8 @@ pub struct Route {
     pub provider: Arc<ProviderEntry>,
     pub upstream_model: String,
     pub price: TokenPrice,
+    /// The provider's native batch API price, when the route has one (`batch_*_per_mtok`).
+    pub batch_price: Option<TokenPrice>,
     /// Input + output price in USD per million tokens, for ranking only (money is never
     /// computed with it).
     pub rank_price: f64,
@@ -169,10 +171,11 @@ impl Registry {
                 .filter_map(|r| {
                     let provider = providers.get(&r.provider)?.clone();
                     let price = r.price().ok()?;
+                    let batch_price = r.batch_price().ok().flatten();
                     let health = RouteHealth::new(config.routing.breaker);
                     let rank_price = price.combined_per_mtok(&config.fx).to_f64().unwrap_or(f64::MAX);
                     let metrics = RouteMetrics::new(id, &provider.id, &r.model);
-                    Some(Arc::new(Route { provider, upstream_model: r.model.clone(), price, rank_price, health, metrics }))
+                    Some(Arc::new(Route { provider, upstream_model: r.model.clone(), price, batch_price, rank_price, health, metrics }))
                 })
                 .collect();
             let model = Arc::new(Model { id: id.clone(), config: model.clone(), routes });

@@ -23,7 +23,7 @@ const DELTA_HEAD: &str =
     "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":";
 const DELTA_TAIL: &str = "}}\n\n";
 
-struct Anthropic;
+pub(crate) struct Anthropic;
 
 impl Dialect for Anthropic {
     fn authorized(headers: &HeaderMap, _uri: &Uri) -> bool {
@@ -215,19 +215,40 @@ pub(crate) async fn messages(
     if stream {
         return stream_response(&shared, &adm, &id, model, &answer, input);
     }
-    let content = match &answer {
+    respond::json(StatusCode::OK, &message_body(&id, model, &answer, input))
+}
+
+/// A whole `message` body.
+fn message_body(id: &str, model: &str, answer: &Answer, input: u64) -> Value {
+    let content = match answer {
         Answer::Text { text, .. } => json!([{ "type": "text", "text": text }]),
         Answer::Tool { name } => json!([{
             "type": "tool_use", "id": text::ANTHROPIC_TOOL_ID, "name": name, "input": { "location": "Paris" },
         }]),
     };
-    let (reason, sequence) = stop_reason(&answer);
-    let body = json!({
+    let (reason, sequence) = stop_reason(answer);
+    json!({
         "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
         "stop_reason": reason, "stop_sequence": sequence,
         "usage": usage(input, answer.completion_tokens()),
-    });
-    respond::json(StatusCode::OK, &body)
+    })
+}
+
+/// The answer to one `params` of a message batch (a `message`), or why it is refused (the
+/// message of an `invalid_request_error`).
+pub(crate) fn batch_message(req: &Value, reply: Option<&String>) -> Result<Value, String> {
+    let Some(model) = req.get("model").and_then(Value::as_str) else {
+        return Err("model: Field required".to_owned());
+    };
+    let Some(max_tokens) = req.get("max_tokens").and_then(Value::as_u64) else {
+        return Err("max_tokens: Field required".to_owned());
+    };
+    let messages = match req.get("messages").and_then(Value::as_array) {
+        Some(m) if !m.is_empty() => m.as_slice(),
+        _ => return Err("messages: at least one message is required".to_owned()),
+    };
+    let (answer, input) = decide(req, messages, max_tokens, reply);
+    Ok(message_body(&text::next_id("msg_mock_"), model, &answer, input))
 }
 
 /// One `event: <name>\ndata: <json>\n\n` event.

@@ -2,7 +2,8 @@
 //! benchmarks, with typed failure injection.
 //!
 //! [`MockUpstream::start`] binds a local port and serves the three wire
-//! formats in a background task. Behaviour is steered by a [`Scenario`]
+//! formats in a background task, plus the OpenAI and Anthropic batch APIs
+//! (see `batches.rs`; [`MockUpstream::batches_created`]). Behaviour is steered by a [`Scenario`]
 //! (failures, delays, stream cuts, malformed bodies...), set in process with
 //! [`MockUpstream::set_scenario`] or over HTTP:
 //!
@@ -18,6 +19,7 @@
 //! `try_lock` to remember the last request, no logging.
 
 mod anthropic;
+mod batches;
 mod gemini;
 mod openai;
 mod respond;
@@ -67,6 +69,8 @@ pub struct Scenario {
     pub reply: Option<String>,
     /// OpenAI: never send the usage chunk, even with `include_usage`.
     pub omit_stream_usage: bool,
+    /// Batch APIs: how long after its creation a batch ends (0: at the first poll).
+    pub batch_delay_ms: u64,
 }
 
 /// An API request as the mock received it.
@@ -141,10 +145,13 @@ pub(crate) enum Kind {
     StreamGenerateContent,
     EmbedContent,
     BatchEmbedContents,
+    Files,
+    Batches,
+    MessageBatches,
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 12] = [
         Kind::ChatCompletions,
         Kind::Completions,
         Kind::Embeddings,
@@ -154,6 +161,9 @@ impl Kind {
         Kind::StreamGenerateContent,
         Kind::EmbedContent,
         Kind::BatchEmbedContents,
+        Kind::Files,
+        Kind::Batches,
+        Kind::MessageBatches,
     ];
 
     /// Canonical path; `requests_for` matches suffixes of it.
@@ -168,6 +178,9 @@ impl Kind {
             Kind::StreamGenerateContent => "/v1beta/models/{model}:streamGenerateContent",
             Kind::EmbedContent => "/v1beta/models/{model}:embedContent",
             Kind::BatchEmbedContents => "/v1beta/models/{model}:batchEmbedContents",
+            Kind::Files => "/v1/files",
+            Kind::Batches => "/v1/batches",
+            Kind::MessageBatches => "/v1/messages/batches",
         }
     }
 }
@@ -202,6 +215,8 @@ pub(crate) struct Shared {
     counters: [AtomicU64; Kind::ALL.len()],
     last: Mutex<Option<RawRequest>>,
     cancelled: AtomicU64,
+    /// Files and batches of the batch APIs.
+    batches: batches::Store,
 }
 
 impl Shared {
@@ -215,6 +230,7 @@ impl Shared {
             counters: Default::default(),
             last: Mutex::new(None),
             cancelled: AtomicU64::new(0),
+            batches: batches::Store::default(),
         }
     }
 
@@ -420,6 +436,16 @@ impl MockUpstream {
         self.shared.cancelled.load(Ordering::Relaxed)
     }
 
+    /// Batches created through either batch API (OpenAI or Anthropic).
+    pub fn batches_created(&self) -> u64 {
+        self.shared.batches.created.load(Ordering::Relaxed)
+    }
+
+    /// Batches cancelled (before they ended) through either batch API.
+    pub fn batches_cancelled(&self) -> u64 {
+        self.shared.batches.cancelled.load(Ordering::Relaxed)
+    }
+
     /// Counters, recorded request and scenario back to the defaults.
     pub fn reset(&self) {
         self.shared.reset();
@@ -447,6 +473,15 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/files", post(batches::upload))
+        .route("/v1/files/{id}/content", get(batches::file_content))
+        .route("/v1/batches", post(batches::create_openai))
+        .route("/v1/batches/{id}", get(batches::get_openai))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel_openai))
+        .route("/v1/messages/batches", post(batches::create_anthropic))
+        .route("/v1/messages/batches/{id}", get(batches::get_anthropic))
+        .route("/v1/messages/batches/{id}/results", get(batches::anthropic_results))
+        .route("/v1/messages/batches/{id}/cancel", post(batches::cancel_anthropic))
         .route("/v1beta/models/{*rest}", post(gemini::dispatch))
         .route("/__mock/scenario", post(control_scenario))
         .route("/__mock/reset", post(control_reset))

@@ -23,7 +23,7 @@ const DONE: &[u8] = b"data: [DONE]\n\n";
 const STREAM_ERROR: &[u8] =
     b"data: {\"error\":{\"message\":\"mock overloaded\",\"type\":\"server_error\",\"code\":\"overloaded\"}}\n\n";
 
-struct OpenAi;
+pub(crate) struct OpenAi;
 
 impl Dialect for OpenAi {
     fn authorized(headers: &HeaderMap, _uri: &Uri) -> bool {
@@ -228,7 +228,12 @@ pub(crate) async fn chat(
     if is_stream(&adm.body) {
         return chat_stream(&shared, &adm, &meta, &answer, prompt);
     }
-    let message = match &answer {
+    respond::json(StatusCode::OK, &completion_body(&meta, &answer, prompt))
+}
+
+/// A whole `chat.completion` body.
+fn completion_body(meta: &Meta<'_>, answer: &Answer, prompt: u64) -> Value {
+    let message = match answer {
         Answer::Text { text, .. } => {
             json!({ "role": "assistant", "content": text, "refusal": null })
         }
@@ -238,13 +243,27 @@ pub(crate) async fn chat(
                              "function": { "name": name, "arguments": text::TOOL_ARGS } }],
         }),
     };
-    let body = json!({
-        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": model,
+    json!({
+        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "system_fingerprint": "fp_mock", "service_tier": "default",
-        "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(&answer) }],
+        "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(answer) }],
         "usage": usage(prompt, answer.completion_tokens(), true),
-    });
-    respond::json(StatusCode::OK, &body)
+    })
+}
+
+/// The answer to one chat request of a batch (a `/v1/chat/completions` body), or why it is
+/// refused (the message of a 400).
+pub(crate) fn batch_chat(req: &Value, reply: Option<&String>) -> Result<Value, String> {
+    let Some(model) = model(req) else {
+        return Err("you must provide a model parameter".to_owned());
+    };
+    let messages = match req.get("messages").and_then(Value::as_array) {
+        Some(m) if !m.is_empty() => m.as_slice(),
+        _ => return Err("'messages' must be a non-empty array".to_owned()),
+    };
+    let (answer, prompt) = decide_chat(req, messages, reply);
+    let meta = Meta { id: text::next_id("chatcmpl-mock-"), created: text::now_secs(), model, include_usage: false };
+    Ok(completion_body(&meta, &answer, prompt))
 }
 
 /// A `chat.completion.chunk` event with one choice.

@@ -49,21 +49,7 @@ pub(crate) async fn admit<D: Dialect>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Admitted, Response> {
-    let authorized = D::authorized(&headers, &uri);
-    shared.record(kind, uri, headers, body.clone());
-    if !authorized {
-        return Err(D::auth_error());
-    }
-    let active = match shared.gate().await {
-        Gate::Go(active) => active,
-        Gate::Fail {
-            status,
-            retry_after,
-        } => {
-            let message = format!("mock-upstream injected failure ({})", status.as_u16());
-            return Err(with_retry_after(D::error(status, &message), retry_after));
-        }
-    };
+    let active = gate::<D>(shared, kind, uri, headers, body.clone()).await?;
     let body = if body.is_empty() {
         Value::Null
     } else {
@@ -78,6 +64,32 @@ pub(crate) async fn admit<D: Dialect>(
         }
     };
     Ok(Admitted { active, body })
+}
+
+/// Counts and records the request, checks auth, applies the scenario's
+/// failure gate and delay; the body is left as it came.
+pub(crate) async fn gate<D: Dialect>(
+    shared: &Shared,
+    kind: Kind,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Arc<Active>, Response> {
+    let authorized = D::authorized(&headers, &uri);
+    shared.record(kind, uri, headers, body);
+    if !authorized {
+        return Err(D::auth_error());
+    }
+    match shared.gate().await {
+        Gate::Go(active) => Ok(active),
+        Gate::Fail {
+            status,
+            retry_after,
+        } => {
+            let message = format!("mock-upstream injected failure ({})", status.as_u16());
+            Err(with_retry_after(D::error(status, &message), retry_after))
+        }
+    }
 }
 
 fn with_retry_after(mut resp: Response, retry_after: Option<u64>) -> Response {

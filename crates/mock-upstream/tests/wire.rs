@@ -1,6 +1,6 @@
 //! Wire-level tests of the mock upstream: every format's happy paths,
 //! tools, auth, failure injection, stream cuts and errors, embeddings,
-//! counters and the control endpoints, through a real HTTP client.
+//! counters, the control endpoints and the batch APIs, through a real HTTP client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,6 +12,8 @@ use serde_json::{json, Value};
 
 #[path = "wire/anthropic.rs"]
 mod anthropic;
+#[path = "wire/batches.rs"]
+mod batches;
 #[path = "wire/gemini.rs"]
 mod gemini;
 #[path = "wire/openai.rs"]

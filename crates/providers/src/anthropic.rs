@@ -24,7 +24,7 @@ use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, Pr
 
 const PROTOCOL: &str = "Anthropic";
 /// The output cap sent when the client set none (Anthropic requires one).
-const DEFAULT_MAX_TOKENS: u32 = 4096;
+pub(crate) const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 pub struct AnthropicProvider {
     client: reqwest::Client,
@@ -50,6 +50,21 @@ impl AnthropicProvider {
         }
     }
 
+    /// `method {base_url}{path}` with the version header and the configured key (the
+    /// Message Batches API's calls).
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
+        self.request_url(method, &format!("{}{path}", self.base_url))
+    }
+
+    /// Like [`Self::request`], for a whole URL the API gave (`results_url`).
+    pub(crate) fn request_url(&self, method: reqwest::Method, url: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let builder = self.client.request(method, url).header("anthropic-version", API_VERSION);
+        match self.api_key.as_deref() {
+            Some(key) => Ok(builder.header("x-api-key", http::secret_header(key)?)),
+            None => Ok(builder),
+        }
+    }
+
     /// Translates the call and sends it; the response is 2xx.
     async fn send(
         &self,
@@ -69,7 +84,7 @@ impl AnthropicProvider {
 
 /// A request Anthropic cannot take: invalid (not retryable) or unsupported here (another route
 /// may serve it).
-fn convert_error(err: ConvertError) -> ProviderError {
+pub(crate) fn convert_error(err: ConvertError) -> ProviderError {
     let kind = match err {
         ConvertError::Unsupported { .. } => ErrorKind::Unsupported,
         _ => ErrorKind::InvalidRequest,
@@ -78,7 +93,7 @@ fn convert_error(err: ConvertError) -> ProviderError {
 }
 
 /// Seconds since the epoch, for the `created` field Anthropic does not send.
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -125,6 +140,10 @@ fn until_last(
 impl Provider for AnthropicProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Anthropic
+    }
+
+    fn native_batch(&self) -> Option<&dyn crate::NativeBatch> {
+        Some(self)
     }
 
     fn chat<'a>(

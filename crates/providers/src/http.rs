@@ -67,6 +67,22 @@ pub(crate) async fn post_json(
     }
 }
 
+/// Sends a request (any method, body already set) and returns the response if its status is
+/// 2xx, else the classified error.
+pub(crate) async fn send_checked(request: reqwest::RequestBuilder) -> Result<reqwest::Response, ProviderError> {
+    let response = request.send().await.map_err(ProviderError::from_transport)?;
+    if response.status().is_success() {
+        Ok(response)
+    } else {
+        Err(error_from_response(response).await)
+    }
+}
+
+/// Reads a 2xx body whole (bounded), e.g. a JSONL results file.
+pub(crate) async fn read_bytes(response: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+    read_limited(response, MAX_RESPONSE_BODY).await
+}
+
 /// Reads a non-2xx response into a [`ProviderError`], keeping the upstream's message.
 async fn error_from_response(response: reqwest::Response) -> ProviderError {
     let status = response.status().as_u16();

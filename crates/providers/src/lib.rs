@@ -1,5 +1,8 @@
 //! Upstream LLM providers behind one object-safe [`Provider`] trait.
 //!
+//! Some providers also have a native batch API ([`batch::NativeBatch`], reached with
+//! [`Provider::native_batch`]).
+//!
 //! One module per upstream kind: [`openai`] (any OpenAI-compatible API), [`anthropic`]
 //! (Messages API), [`gemini`] (generateContent) and [`sandbox`] (simulated, no network).
 //! Each module owns its HTTP details (URL layout, auth header, SSE framing, error bodies) and
@@ -10,10 +13,13 @@
 //! streams or a classified [`ProviderError`].
 
 pub mod anthropic;
+mod anthropic_batch;
+pub mod batch;
 mod error;
 pub mod gemini;
 mod http;
 pub mod openai;
+mod openai_batch;
 pub mod sandbox;
 
 use std::future::Future;
@@ -27,6 +33,7 @@ use marga_protocol::openai::{
     CompletionResponse, EmbeddingRequest, EmbeddingResponse,
 };
 
+pub use batch::{BatchItemError, BatchRequest, BatchResult, BatchState, NativeBatch};
 pub use error::{ErrorKind, ProviderError};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -54,6 +61,11 @@ impl ProviderKind {
             ProviderKind::Gemini => "gemini",
             ProviderKind::Sandbox => "sandbox",
         }
+    }
+
+    /// Whether providers of this kind have a native batch API ([`Provider::native_batch`]).
+    pub fn has_native_batch(self) -> bool {
+        matches!(self, ProviderKind::Openai | ProviderKind::Anthropic)
     }
 }
 
@@ -96,6 +108,11 @@ impl<T> Copy for Call<'_, T> {}
 /// `Err` and ends. Dropping a future or stream cancels the upstream request.
 pub trait Provider: Send + Sync {
     fn kind(&self) -> ProviderKind;
+
+    /// The provider's native batch API, when it has one (OpenAI and Anthropic kinds).
+    fn native_batch(&self) -> Option<&dyn NativeBatch> {
+        None
+    }
 
     fn chat<'a>(
         &'a self,

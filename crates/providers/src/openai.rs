@@ -62,6 +62,11 @@ impl OpenAiProvider {
             Some((_, url)) => self.client.post(url.clone()),
             None => self.client.post(format!("{}{path}", self.base_url)),
         };
+        self.authorize(builder, api_key)
+    }
+
+    /// Adds the key (the call's own, else the configured one) in the configured header.
+    fn authorize(&self, builder: reqwest::RequestBuilder, api_key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
         let Some(key) = api_key.or(self.api_key.as_deref()) else {
             return Ok(builder);
         };
@@ -69,6 +74,11 @@ impl OpenAiProvider {
             Some(name) => builder.header(name.clone(), http::secret_header(key)?),
             None => builder.header(reqwest::header::AUTHORIZATION, http::secret_header(&format!("Bearer {key}"))?),
         })
+    }
+
+    /// `method {base_url}{path}` with the configured key (the batch API's calls).
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
+        self.authorize(self.client.request(method, format!("{}{path}", self.base_url)), None)
     }
 
     async fn send<T: Serialize, R: DeserializeOwned>(
@@ -180,6 +190,10 @@ fn completion_chunk_finished(chunk: &CompletionResponse) -> bool {
 impl Provider for OpenAiProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Openai
+    }
+
+    fn native_batch(&self) -> Option<&dyn crate::NativeBatch> {
+        Some(self)
     }
 
     fn chat<'a>(

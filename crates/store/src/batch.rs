@@ -23,8 +23,8 @@ pub struct FileRecord {
     pub created_at_ms: i64,
 }
 
-/// A batch: its request, status, counts and timestamps.
-#[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
+/// A batch: its request, status, counts and timestamps. The default is on the realtime lane.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct BatchRecord {
     pub id: String,
     pub org_id: String,
@@ -59,7 +59,53 @@ pub struct BatchRecord {
     /// The credit lease reserved for the batch at creation (charged by its items, closed when
     /// it ends); `None` when the payer is not limited.
     pub credit_lease_id: Option<String>,
+    /// `realtime` (items claimed by the workers) or `native` (the provider's batch API).
+    pub lane: String,
+    /// The native lane's route, `provider/upstream-model`.
+    pub lane_route: Option<String>,
+    /// The provider's batch id once the native lane submitted the items.
+    pub native_batch_id: Option<String>,
 }
+
+impl Default for BatchRecord {
+    fn default() -> Self {
+        BatchRecord {
+            id: String::new(),
+            org_id: String::new(),
+            key_id: String::new(),
+            endpoint: String::new(),
+            input_file_id: String::new(),
+            completion_window: String::new(),
+            metadata: None,
+            status: String::new(),
+            total: 0,
+            completed: 0,
+            failed: 0,
+            output_file_id: None,
+            error_file_id: None,
+            created_at_ms: 0,
+            in_progress_at_ms: None,
+            finalizing_at_ms: None,
+            completed_at_ms: None,
+            cancelling_at_ms: None,
+            cancelled_at_ms: None,
+            expires_at_ms: 0,
+            idempotency_key: None,
+            request_hash: None,
+            webhook_url: None,
+            webhook_secret: None,
+            credit_lease_id: None,
+            lane: LANE_REALTIME.to_owned(),
+            lane_route: None,
+            native_batch_id: None,
+        }
+    }
+}
+
+/// The lane of a batch whose items run one by one through the router.
+pub const LANE_REALTIME: &str = "realtime";
+/// The lane of a batch that runs on its provider's native batch API.
+pub const LANE_NATIVE: &str = "native";
 
 /// One request of a batch, as created.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -189,6 +235,30 @@ pub trait BatchRepo: Send + Sync {
     /// Ends the batch: records its output and error files (each created as a [`FileRecord`]
     /// in the same transaction, skipped if it exists) and moves it from `finalizing` or
     /// `cancelling` to `status`. Returns whether it moved.
+    /// Takes (or renews) the native lane of a `native`-lane batch for `owner` until
+    /// `lease_until_ms`, unless another owner holds it past `now_ms`. Returns whether it did.
+    fn lease_native<'a>(
+        &'a self,
+        id: &'a str,
+        owner: &'a str,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Records the provider's batch id, once, while `owner` holds the native lane.
+    fn set_native_batch_id<'a>(&'a self, id: &'a str, owner: &'a str, native_id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Moves a `native`-lane batch to the realtime lane (its pending items become claimable).
+    fn fall_back_to_realtime<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Pending items with `idx > after_idx`, in order, at most `limit` (the native lane's input).
+    fn pending_items<'a>(&'a self, batch_id: &'a str, after_idx: i64, limit: i64) -> BoxFuture<'a, Result<Vec<ClaimedItem>, StoreError>>;
+    /// Completes a pending item of a `native`-lane batch with its result (like
+    /// [`BatchRepo::complete_item`], in one transaction), only if it is still pending.
+    fn complete_native_item<'a>(
+        &'a self,
+        batch_id: &'a str,
+        idx: i64,
+        result: &'a str,
+        is_error: bool,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
     fn finish_batch<'a>(
         &'a self,
         id: &'a str,
@@ -233,4 +303,4 @@ pub(crate) const FILE_COLUMNS: &str = "id, org_id, purpose, filename, bytes, lin
 
 pub(crate) const BATCH_COLUMNS: &str = "id, org_id, key_id, endpoint, input_file_id, completion_window, metadata, \
      status, total, completed, failed, output_file_id, error_file_id, created_at_ms, in_progress_at_ms, \
-     finalizing_at_ms, completed_at_ms, cancelling_at_ms, cancelled_at_ms, expires_at_ms, idempotency_key, request_hash, webhook_url, webhook_secret, credit_lease_id";
+     finalizing_at_ms, completed_at_ms, cancelling_at_ms, cancelled_at_ms, expires_at_ms, idempotency_key, request_hash, webhook_url, webhook_secret, credit_lease_id, lane, lane_route, native_batch_id";

@@ -126,7 +126,10 @@ macro_rules! batch_repos {
                             .push_bind(&r.request_hash)
                             .push_bind(&r.webhook_url)
                             .push_bind(&r.webhook_secret)
-                            .push_bind(&r.credit_lease_id);
+                            .push_bind(&r.credit_lease_id)
+                            .push_bind(&r.lane)
+                            .push_bind(&r.lane_route)
+                            .push_bind(&r.native_batch_id);
                     });
                     b.build().execute(&mut *tx).await?;
                     for (chunk_no, chunk) in items.chunks(ITEM_CHUNK).enumerate() {
@@ -307,6 +310,68 @@ macro_rules! batch_repos {
                     let sql = $q("SELECT idx, COALESCE(result, '') AS result, is_error <> 0 AS is_error FROM batch_items \
                          WHERE batch_id = ? AND state = 'done' AND idx > ? ORDER BY idx LIMIT ?");
                     Ok(sqlx::query_as(&sql).bind(batch_id).bind(after_idx).bind(limit).fetch_all(&self.pool).await?)
+                })
+            }
+
+            fn lease_native<'a>(
+                &'a self,
+                id: &'a str,
+                owner: &'a str,
+                now_ms: i64,
+                lease_until_ms: i64,
+            ) -> BoxFuture<'a, Result<bool, StoreError>> {
+                Box::pin(async move {
+                    let sql = $q("UPDATE batches SET native_owner = ?, native_lease_until_ms = ? WHERE id = ? AND lane = 'native' \
+                         AND status = 'in_progress' AND (native_owner IS NULL OR native_owner = ? OR native_lease_until_ms < ?)");
+                    let done = sqlx::query(&sql).bind(owner).bind(lease_until_ms).bind(id).bind(owner).bind(now_ms).execute(&self.pool).await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            }
+
+            fn set_native_batch_id<'a>(&'a self, id: &'a str, owner: &'a str, native_id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+                Box::pin(async move {
+                    let sql = $q("UPDATE batches SET native_batch_id = ? WHERE id = ? AND lane = 'native' AND native_owner = ? AND native_batch_id IS NULL");
+                    let done = sqlx::query(&sql).bind(native_id).bind(id).bind(owner).execute(&self.pool).await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            }
+
+            fn fall_back_to_realtime<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+                Box::pin(async move {
+                    let sql = $q("UPDATE batches SET lane = 'realtime', native_owner = NULL, native_lease_until_ms = 0 WHERE id = ? AND lane = 'native'");
+                    let done = sqlx::query(&sql).bind(id).execute(&self.pool).await?;
+                    Ok(done.rows_affected() > 0)
+                })
+            }
+
+            fn pending_items<'a>(&'a self, batch_id: &'a str, after_idx: i64, limit: i64) -> BoxFuture<'a, Result<Vec<ClaimedItem>, StoreError>> {
+                Box::pin(async move {
+                    let sql = $q("SELECT batch_id, idx, custom_id, body, attempts FROM batch_items \
+                         WHERE batch_id = ? AND state = 'pending' AND idx > ? ORDER BY idx LIMIT ?");
+                    Ok(sqlx::query_as(&sql).bind(batch_id).bind(after_idx).bind(limit).fetch_all(&self.pool).await?)
+                })
+            }
+
+            fn complete_native_item<'a>(
+                &'a self,
+                batch_id: &'a str,
+                idx: i64,
+                result: &'a str,
+                is_error: bool,
+            ) -> BoxFuture<'a, Result<bool, StoreError>> {
+                Box::pin(async move {
+                    let error = i64::from(is_error);
+                    let mut tx = self.begin_write().await?;
+                    let mark = $q("UPDATE batch_items SET state = 'done', result = ?, is_error = ?, owner = NULL \
+                         WHERE batch_id = ? AND idx = ? AND state = 'pending'");
+                    let done = sqlx::query(&mark).bind(result).bind(error).bind(batch_id).bind(idx).execute(&mut *tx).await?;
+                    if done.rows_affected() != 1 {
+                        return Ok(false);
+                    }
+                    let count = $q("UPDATE batches SET completed = completed + ?, failed = failed + ? WHERE id = ?");
+                    sqlx::query(&count).bind(1 - error).bind(error).bind(batch_id).execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(true)
                 })
             }
 

@@ -29,7 +29,7 @@ pub use accounts::{
     WorkspaceRecord,
 };
 pub use batch::{
-    BatchRecord, BatchRepo, ClaimedItem, DeliveryRecord, DeliveryRepo, FileRecord, FileRepo, ItemResult, NewItem,
+    BatchRecord, LANE_NATIVE, LANE_REALTIME, BatchRepo, ClaimedItem, DeliveryRecord, DeliveryRepo, FileRecord, FileRepo, ItemResult, NewItem,
     BATCH_TIME_COLUMNS,
 };
 pub use postgres::PgStore;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marga_store::{
-    BatchRecord, DeliveryRecord, FileRecord, NewItem,
+    BatchRecord, DeliveryRecord, FileRecord, NewItem, LANE_NATIVE,
     AccountRepo, ChainRecord, ChainRepo, Charge, GenerationRecord, GenerationRepo, GuardrailRecord, KeyRecord,
     LeaseRecord, LedgerEntry, LedgerRepo, MemberChange, MemberRecord, OrgRecord, RateClaim,
     Repos, SettingsRepo, StoreError, UsageGroup, UsageQuery, WorkspaceRecord, MAX_MEMBERS,
@@ -191,6 +191,7 @@ suite!(
     files_crud_paging_and_isolation,
     batch_items_are_claimed_and_completed_exactly_once,
     batch_status_cancel_and_finish,
+    native_lane_batches_are_leased_whole_and_completed_once,
     webhook_deliveries_are_claimed_once_and_retried,
 );
 
@@ -1613,4 +1614,38 @@ async fn webhook_deliveries_are_claimed_once_and_retried(ctx: &Ctx) {
     assert!(repos.finish_delivery("evt_1", "w3", "delivered", 2, now).await.unwrap());
     assert_eq!(repos.get_delivery("evt_1").await.unwrap().map(|d| (d.state, d.attempts)), Some(("delivered".to_owned(), 2)));
     assert!(repos.claim_deliveries("w4", now + 100_000, now + 130_000, 10).await.unwrap().iter().all(|d| d.id != "evt_1"));
+}
+
+async fn native_lane_batches_are_leased_whole_and_completed_once(ctx: &Ctx) {
+    let repos = ctx.repos.as_ref();
+    let native = BatchRecord { lane: LANE_NATIVE.to_owned(), lane_route: Some("up/m".to_owned()), ..batch("batch-n", "org-1", 3) };
+    repos.create_batch(&native, &items(3)).await.unwrap();
+    let stored = repos.get_batch("org-1", "batch-n").await.unwrap().unwrap();
+    assert_eq!((stored.lane.as_str(), stored.lane_route.as_deref(), stored.native_batch_id), (LANE_NATIVE, Some("up/m"), None));
+    let now = now_ms();
+    assert!(repos.claim_items("w1", now, now + 60_000, 100).await.unwrap().iter().all(|i| i.batch_id != "batch-n"), "not claimable");
+    // One driver at a time: the lease is taken over only once it has lapsed.
+    assert!(repos.lease_native("batch-n", "d1", now, now + 1_000).await.unwrap());
+    assert!(!repos.lease_native("batch-n", "d2", now + 500, now + 1_500).await.unwrap(), "held by d1");
+    assert!(repos.lease_native("batch-n", "d1", now + 500, now + 1_500).await.unwrap(), "renewed by its holder");
+    assert!(!repos.set_native_batch_id("batch-n", "d2", "prov-1").await.unwrap(), "not d2's");
+    assert!(repos.set_native_batch_id("batch-n", "d1", "prov-1").await.unwrap());
+    assert!(!repos.set_native_batch_id("batch-n", "d1", "prov-2").await.unwrap(), "stored once");
+    assert!(repos.lease_native("batch-n", "d2", now + 2_000, now + 3_000).await.unwrap(), "lapsed: taken over");
+    let stored = repos.get_batch("org-1", "batch-n").await.unwrap().unwrap();
+    assert_eq!(stored.native_batch_id.as_deref(), Some("prov-1"));
+    let pending = repos.pending_items("batch-n", -1, 10).await.unwrap();
+    assert_eq!(pending.iter().map(|i| (i.idx, i.custom_id.as_str())).collect::<Vec<_>>(), [(0, "req-0"), (1, "req-1"), (2, "req-2")]);
+    assert!(repos.complete_native_item("batch-n", 0, r#"{"ok":0}"#, false).await.unwrap());
+    assert!(!repos.complete_native_item("batch-n", 0, r#"{"ok":0}"#, false).await.unwrap(), "done once");
+    assert!(repos.complete_native_item("batch-n", 1, r#"{"err":1}"#, true).await.unwrap());
+    assert_eq!(repos.pending_items("batch-n", 0, 10).await.unwrap().len(), 1);
+    let b = repos.get_batch("org-1", "batch-n").await.unwrap().unwrap();
+    assert_eq!((b.completed, b.failed), (1, 1));
+    // Falling back: the rest is claimed like any realtime item; the native lease is gone.
+    assert!(repos.fall_back_to_realtime("batch-n").await.unwrap());
+    assert!(!repos.fall_back_to_realtime("batch-n").await.unwrap());
+    assert!(!repos.lease_native("batch-n", "d2", now + 2_000, now + 3_000).await.unwrap(), "no longer native");
+    let claimed = repos.claim_items("w2", now, now + 60_000, 100).await.unwrap();
+    assert_eq!(claimed.iter().filter(|i| i.batch_id == "batch-n").map(|i| i.idx).collect::<Vec<_>>(), [2]);
 }

@@ -4,20 +4,23 @@
 //! a model the caller may use. The whole batch's maximum cost is reserved at creation, as a
 //! credit lease of the batch's own in the database; each item is charged against it (once,
 //! by its item id) and the lease is closed when the batch ends, returning what was not used.
+//! The batch's lane (realtime, or a provider's native batch API) is chosen here and recorded
+//! on the batch (see [`super::lanes`]).
 
 use std::collections::HashSet;
 
 use marga_protocol::openai::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest};
-use marga_store::{BatchRecord, NewItem};
+use marga_store::{BatchRecord, NewItem, LANE_NATIVE, LANE_REALTIME};
 use serde::Deserialize;
 
 use super::files::read_batch_lines;
+use super::lanes::{Sample, Tally};
 use super::ENDPOINTS;
 use crate::accounts::Principal;
 use crate::config::ModelType;
 use crate::error::ApiError;
 use crate::http::AppState;
-use crate::money::Money;
+use crate::money::{Money, TokenCounts};
 use crate::pipeline::unix_now_ms;
 
 /// How long a batch may take (the only window OpenAI offers).
@@ -70,30 +73,11 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
     if file.purpose != "batch" {
         return Err(ApiError::invalid("the input file's purpose must be \"batch\"", Some("input_file_id".into())));
     }
-    let mut items = Vec::new();
-    let mut seen = HashSet::new();
-    let mut max_cost = Money::zero(principal.org.currency);
-    let max_items = batches.settings.max_items;
-    read_batch_lines(&batches.path_of(&file.id), |number, line| {
-        let at = |m: String| ApiError::invalid(format!("input file line {number}: {m}"), Some("input_file_id".into()));
-        if line.url != req.endpoint {
-            return Err(at(format!("`url` is {} but the batch's endpoint is {}", line.url, req.endpoint)));
-        }
-        if !seen.insert(line.custom_id.clone()) {
-            return Err(at(format!("`custom_id` \"{}\" is used twice", line.custom_id)));
-        }
-        if items.len() >= max_items {
-            return Err(at(format!("a batch holds at most {max_items} requests")));
-        }
-        let cost = item_max_cost(state, principal, &req.endpoint, line.body.get()).map_err(|e| at(e.to_string()))?;
-        max_cost.amount += state.registry.fx.convert(cost, principal.org.currency).amount;
-        items.push(NewItem { custom_id: line.custom_id, body: line.body.get().to_owned() });
-        Ok(())
-    })
-    .await?;
+    let (items, max_cost, lanes) = read_items(state, principal, &req.endpoint, &batches.path_of(&file.id)).await?;
     if items.is_empty() {
         return Err(ApiError::invalid("the input file holds no requests", Some("input_file_id".into())));
     }
+    let (lane, lane_route) = choose_lane(lanes.as_ref(), WINDOW_MS);
     let now = unix_now_ms();
     let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
     // The whole batch's maximum cost is reserved now, as a lease its items are charged against.
@@ -112,6 +96,8 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
         in_progress_at_ms: Some(now),
         expires_at_ms: now + WINDOW_MS,
         credit_lease_id: lease,
+        lane,
+        lane_route,
         ..BatchRecord::default()
     };
     store_batch(state, &batch, &items).await?;
@@ -119,28 +105,99 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
     Ok(batch)
 }
 
+/// The items of the input file (each line checked), their maximum cost and lane tally.
+async fn read_items(
+    state: &AppState,
+    principal: &Principal,
+    endpoint: &str,
+    path: &std::path::Path,
+) -> Result<(Vec<NewItem>, Money, Option<Tally>), ApiError> {
+    let mut items = Vec::new();
+    let mut seen = HashSet::new();
+    let mut max_cost = Money::zero(principal.org.currency);
+    let max_items = state.batches.settings.max_items;
+    let mut lanes = None;
+    read_batch_lines(path, |number, line| {
+        let at = |m: String| ApiError::invalid(format!("input file line {number}: {m}"), Some("input_file_id".into()));
+        if line.url != endpoint {
+            return Err(at(format!("`url` is {} but the batch's endpoint is {}", line.url, endpoint)));
+        }
+        if !seen.insert(line.custom_id.clone()) {
+            return Err(at(format!("`custom_id` \"{}\" is used twice", line.custom_id)));
+        }
+        if items.len() >= max_items {
+            return Err(at(format!("a batch holds at most {max_items} requests")));
+        }
+        let cost = item_max_cost(state, principal, endpoint, line.body.get(), &mut lanes).map_err(|e| at(e.to_string()))?;
+        max_cost.amount += state.registry.fx.convert(cost, principal.org.currency).amount;
+        items.push(NewItem { custom_id: line.custom_id, body: line.body.get().to_owned() });
+        Ok(())
+    })
+    .await?;
+    Ok((items, max_cost, lanes))
+}
+
 /// The most one item can cost: its body parsed as the endpoint's request, its model admitted
-/// for the caller, priced on the dearest planned route.
-pub(crate) fn item_max_cost(state: &AppState, principal: &Principal, endpoint: &str, body: &str) -> Result<Money, ApiError> {
+/// for the caller, priced on the dearest planned route. The item is also added to the batch's
+/// lane tally (planned with its own routing preferences, as it would run).
+pub(crate) fn item_max_cost(
+    state: &AppState,
+    principal: &Principal,
+    endpoint: &str,
+    body: &str,
+    lanes: &mut Option<Tally>,
+) -> Result<Money, ApiError> {
     let parse_error = |e: serde_json::Error| ApiError::invalid(format!("invalid `body`: {e}"), None);
-    let ext = Default::default();
-    let (model, kind, output_cap) = match endpoint {
+    let (model, kind, output_cap, extra) = match endpoint {
         "/v1/embeddings" => {
             let r: EmbeddingRequest = serde_json::from_str(body).map_err(parse_error)?;
-            (r.model, ModelType::Embedding, Some(0))
+            (r.model, ModelType::Embedding, Some(0), r.extra)
         }
         "/v1/completions" => {
             let r: CompletionRequest = serde_json::from_str(body).map_err(parse_error)?;
-            (r.model, ModelType::Chat, r.max_tokens)
+            (r.model, ModelType::Chat, r.max_tokens, r.extra)
         }
         _ => {
             let r: ChatCompletionRequest = serde_json::from_str(body).map_err(parse_error)?;
             let cap = r.output_cap();
-            (r.model, ModelType::Chat, cap)
+            (r.model, ModelType::Chat, cap, r.extra)
         }
     };
-    let admitted = crate::http::admit::admit(state, principal, &model, &ext, kind)?;
+    let admitted = crate::http::admit::admit(state, principal, &model, &Default::default(), kind)?;
+    let tokens = TokenCounts {
+        prompt: body.len() as u64 / 4,
+        completion: output_cap.map_or(super::quote::ASSUMED_OUTPUT, u64::from),
+        cached: 0,
+    };
+    let chat = endpoint == "/v1/chat/completions";
+    tally_item(state, principal, (&admitted, kind, extra), tokens, chat, lanes);
     Ok(crate::http::admit::max_cost(state, &admitted, body.len(), output_cap))
+}
+
+/// Adds an item to the lane tally, planned with its own routing preferences.
+fn tally_item(
+    state: &AppState,
+    principal: &Principal,
+    (admitted, kind, mut extra): (&crate::http::admit::Admitted, ModelType, marga_protocol::openai::Extra),
+    tokens: TokenCounts,
+    chat: bool,
+    lanes: &mut Option<Tally>,
+) {
+    let ext = crate::http::admit::take_extensions(&mut extra).unwrap_or_default();
+    let own = crate::http::admit::admit(state, principal, &admitted.model.id, &ext, kind);
+    let plan = own.as_ref().map(|a| &a.plan).map_err(|_| "no_route");
+    let tally = lanes.get_or_insert_with(|| Tally::new(&admitted.model));
+    let sample = Sample { model: &admitted.model, plan, tokens, chat, byok: ext.upstream_key.is_some() };
+    tally.add(&sample, &state.registry.fx);
+}
+
+/// The lane a batch runs on: `(lane, native route)` — the native lane when it is the cheaper
+/// one that meets `window_ms`.
+pub(crate) fn choose_lane(lanes: Option<&Tally>, window_ms: i64) -> (String, Option<String>) {
+    match lanes.and_then(|t| t.decide(window_ms).native) {
+        Some(route) => (LANE_NATIVE.to_owned(), Some(route.label())),
+        None => (LANE_REALTIME.to_owned(), None),
+    }
 }
 
 /// A batch's credit lease outlives its window by this much (then expires by itself).

@@ -11,13 +11,19 @@
 //! - [`native`]: BatchRouter's native batches (Idempotency-Key, inline items, preflight
 //!   errors, results paging, signed artifact URLs).
 //! - [`quote`]: free estimates with the selected and rejected lanes.
+//! - [`lanes`]: the realtime lane and providers' native batch lanes: which can run a batch,
+//!   at what estimated cost, and the choice (the cheaper one that meets the window).
+//! - [`native_lane`]: runs a native-lane batch (submit once, poll durably, charge each item
+//!   at the batch price; falls back to the realtime lane).
 //! - [`webhook`]: signed delivery events with retries and the SSRF check.
 //! - [`shapes`]: the OpenAI JSON of files and batches.
 
 pub mod create;
 pub mod exec;
 pub mod files;
+pub mod lanes;
 pub mod native;
+pub mod native_lane;
 pub mod quote;
 pub mod shapes;
 pub mod webhook;

@@ -15,7 +15,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::create::{item_max_cost, store_error, WINDOW_MS};
+use super::create::{item_max_cost, store_error};
+use super::lanes::Tally;
 use crate::accounts::Principal;
 use crate::error::ApiError;
 use crate::http::AppState;
@@ -53,6 +54,10 @@ pub struct CreateNative {
     /// This batch's delivery webhook (overrides the organisation's default).
     #[serde(default)]
     pub webhook: Option<super::webhook::Target>,
+    /// How long the batch may take (`<n>h` or `<n>m`, at most and by default `24h`): a
+    /// window shorter than 24 h rules out providers' native batch lanes.
+    #[serde(default)]
+    pub completion_window: Option<String>,
 }
 
 /// The stored form of an item: the endpoint and request body the worker runs.
@@ -101,7 +106,6 @@ pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<String, ApiErr
 /// Creates a native batch, or returns the one this key already created (`true`: a replay).
 pub async fn create(state: &AppState, principal: &Principal, key: String, body: Value) -> Result<(BatchRecord, bool), ApiError> {
     let hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
-    let store = &state.batches.store;
     if let Some(existing) = replay(state, principal, &key, &hash).await? {
         return Ok((existing, true));
     }
@@ -113,10 +117,13 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
             .await
             .map_err(|message| preflight(vec![json!({"code": "unsafe_webhook_url", "message": message})]))?;
     }
-    let (items, file_id, max_cost) = gather(state, principal, &request).await?;
+    let window = request.completion_window.clone().unwrap_or_else(|| super::create::COMPLETION_WINDOW.to_owned());
+    let window_ms = super::lanes::parse_window(&window)?;
+    let (items, file_id, max_cost, lanes) = gather(state, principal, &request).await?;
+    let (lane, lane_route) = super::create::choose_lane(lanes.as_ref(), window_ms);
     let now = unix_now_ms();
     let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
-    let until = now + WINDOW_MS + super::create::LEASE_MARGIN_MS;
+    let until = now + window_ms + super::create::LEASE_MARGIN_MS;
     let lease = state.admission.reserve_batch(principal, max_cost, &id, until).await?;
     let batch = BatchRecord {
         id,
@@ -124,32 +131,40 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         key_id: principal.key.id.clone(),
         endpoint: NATIVE.to_owned(),
         input_file_id: file_id.unwrap_or_default(),
-        completion_window: super::create::COMPLETION_WINDOW.to_owned(),
+        completion_window: window,
         metadata: request.metadata.map(|m| Value::Object(m).to_string()),
         status: "in_progress".to_owned(),
         total: items.len() as i64,
         created_at_ms: now,
         in_progress_at_ms: Some(now),
-        expires_at_ms: now + WINDOW_MS,
+        expires_at_ms: now + window_ms,
         idempotency_key: Some(key.clone()),
         request_hash: Some(hash.clone()),
         webhook_url: request.webhook.as_ref().map(|w| w.url.clone()),
         webhook_secret: request.webhook.as_ref().map(|w| w.secret.clone()),
         credit_lease_id: lease,
+        lane,
+        lane_route,
         ..BatchRecord::default()
     };
-    if let Err(e) = store.create_batch(&batch, &items).await {
-        if let Some(lease) = &batch.credit_lease_id {
-            let _ = state.admission.ledger.repo().close_lease(lease).await;
-        }
-        // A concurrent create with the same key won the unique index.
-        return match replay(state, principal, &key, &hash).await? {
-            Some(existing) => Ok((existing, true)),
-            None => Err(store_error(e)),
-        };
+    store_or_replay(state, principal, batch, &items).await
+}
+
+/// Stores the new batch; when a concurrent create with the same key won the unique index,
+/// gives the credit lease back and returns that batch (`true`: a replay).
+async fn store_or_replay(state: &AppState, principal: &Principal, batch: BatchRecord, items: &[NewItem]) -> Result<(BatchRecord, bool), ApiError> {
+    let Err(e) = state.batches.store.create_batch(&batch, items).await else {
+        state.batches.wake.notify_waiters();
+        return Ok((batch, false));
+    };
+    if let Some(lease) = &batch.credit_lease_id {
+        let _ = state.admission.ledger.repo().close_lease(lease).await;
     }
-    state.batches.wake.notify_waiters();
-    Ok((batch, false))
+    let (key, hash) = (batch.idempotency_key.unwrap_or_default(), batch.request_hash.unwrap_or_default());
+    match replay(state, principal, &key, &hash).await? {
+        Some(existing) => Ok((existing, true)),
+        None => Err(store_error(e)),
+    }
 }
 
 async fn replay(state: &AppState, principal: &Principal, key: &str, hash: &str) -> Result<Option<BatchRecord>, ApiError> {
@@ -172,9 +187,12 @@ fn preflight(problems: Vec<Value>) -> ApiError {
     ApiError::Preflight { message, problems }
 }
 
+/// What a native create gathered: items, input file id, maximum cost and lane tally.
+type Gathered = (Vec<NewItem>, Option<String>, Money, Option<Tally>);
+
 /// The items (checked: every problem found, up to [`MAX_PROBLEMS`], is reported at once),
-/// the input file id, if any, and the batch's maximum cost.
-async fn gather(state: &AppState, principal: &Principal, req: &CreateNative) -> Result<(Vec<NewItem>, Option<String>, Money), ApiError> {
+/// the input file id, if any, the batch's maximum cost and its lane tally.
+async fn gather(state: &AppState, principal: &Principal, req: &CreateNative) -> Result<Gathered, ApiError> {
     let raw: Vec<Value> = match (&req.items, &req.input_file_id) {
         (Some(items), None) => items.clone(),
         (None, Some(id)) => read_file_items(state, principal, id).await?,
@@ -191,8 +209,9 @@ async fn gather(state: &AppState, principal: &Principal, req: &CreateNative) -> 
     let mut items = Vec::with_capacity(raw.len());
     let mut seen = HashSet::new();
     let mut max_cost = Money::zero(principal.org.currency);
+    let mut lanes = None;
     for (index, value) in raw.into_iter().enumerate() {
-        match check_item(state, principal, value, &mut seen) {
+        match check_item(state, principal, value, &mut seen, &mut lanes) {
             Ok((item, cost)) => {
                 max_cost.amount += state.registry.fx.convert(cost, principal.org.currency).amount;
                 items.push(item);
@@ -204,10 +223,16 @@ async fn gather(state: &AppState, principal: &Principal, req: &CreateNative) -> 
     if !problems.is_empty() {
         return Err(preflight(problems));
     }
-    Ok((items, req.input_file_id.clone(), max_cost))
+    Ok((items, req.input_file_id.clone(), max_cost, lanes))
 }
 
-fn check_item(state: &AppState, principal: &Principal, value: Value, seen: &mut HashSet<String>) -> Result<(NewItem, Money), String> {
+fn check_item(
+    state: &AppState,
+    principal: &Principal,
+    value: Value,
+    seen: &mut HashSet<String>,
+    lanes: &mut Option<Tally>,
+) -> Result<(NewItem, Money), String> {
     let item: NativeItem = serde_json::from_value(value).map_err(|e| format!("not an item: {e}"))?;
     if item.customer_item_id.is_empty() || item.customer_item_id.len() > super::files::MAX_CUSTOM_ID {
         return Err("`customer_item_id` must be 1 to 512 bytes".to_owned());
@@ -217,7 +242,7 @@ fn check_item(state: &AppState, principal: &Principal, value: Value, seen: &mut 
     }
     let (endpoint, body) = to_request(&item)?;
     let body_text = body.to_string();
-    let cost = item_max_cost(state, principal, &endpoint, &body_text).map_err(|e| format!("item {}: {e}", item.customer_item_id))?;
+    let cost = item_max_cost(state, principal, &endpoint, &body_text, lanes).map_err(|e| format!("item {}: {e}", item.customer_item_id))?;
     let stored = json!({"endpoint": endpoint, "body": body}).to_string();
     Ok((NewItem { custom_id: item.customer_item_id, body: stored }, cost))
 }
@@ -242,6 +267,8 @@ async fn read_file_items(state: &AppState, principal: &Principal, id: &str) -> R
 /// The native status of a stored batch.
 fn native_status(b: &BatchRecord) -> &'static str {
     match b.status.as_str() {
+        // On a provider's native lane, submitted and waiting for the provider's batch.
+        "in_progress" if b.completed + b.failed == 0 && b.native_batch_id.is_some() => "dispatched",
         "in_progress" if b.completed + b.failed == 0 => "queued",
         "in_progress" | "cancelling" => "processing",
         "finalizing" => "completing",
@@ -265,6 +292,7 @@ pub fn batch_json(b: &BatchRecord, receipt: Option<Value>) -> Value {
         "sla_deadline": super::secs(b.expires_at_ms),
         "sla_tier": "standard",
         "routing_mode": "cheapest",
+        "lane": super::shapes::lane_json(b),
         "input_file_id": (!b.input_file_id.is_empty()).then_some(&b.input_file_id),
         "metadata": b.metadata.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok()),
     });

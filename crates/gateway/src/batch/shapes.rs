@@ -20,6 +20,11 @@ pub fn file_json(f: &FileRecord) -> Value {
     })
 }
 
+/// Marga's extension: the lane the batch runs on (`realtime`, or `native` with its route).
+pub fn lane_json(b: &BatchRecord) -> Value {
+    json!({"kind": b.lane, "route": b.lane_route})
+}
+
 pub fn batch_json(b: &BatchRecord) -> Value {
     let at = |ms: Option<i64>| ms.map(secs);
     let expired = b.status == "expired";
@@ -45,6 +50,7 @@ pub fn batch_json(b: &BatchRecord) -> Value {
         "cancelling_at": at(b.cancelling_at_ms),
         "cancelled_at": at(b.cancelled_at_ms),
         "request_counts": { "total": b.total, "completed": b.completed, "failed": b.failed },
+        "lane": lane_json(b),
         "metadata": metadata,
     })
 }

@@ -10,13 +10,14 @@
 //! Concurrency is bounded in all (`[batch] concurrency`) and per provider (the first route
 //! of each item's plan, `[batch] per_provider_concurrency`). Between claims the worker
 //! finalizes batches whose items are all done (output and error files) and winds down
-//! cancelled ones.
+//! cancelled ones. Batches on a provider's native lane are driven by
+//! [`super::native_lane`] (one task per batch, stopped with the worker).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use marga_store::{BatchRecord, ClaimedItem, DeliveryRecord, FileRecord};
+use marga_store::{BatchRecord, ClaimedItem, DeliveryRecord, FileRecord, LANE_NATIVE};
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -37,6 +38,15 @@ const MAX_CLAIM: usize = 256;
 const MAX_ACTIVE: i64 = 1000;
 /// How long a claimed webhook delivery is this worker's (longer than a delivery may take).
 const DELIVERY_LEASE_MS: i64 = 30_000;
+
+/// The native-lane drivers a worker runs, by batch id.
+#[derive(Default)]
+struct NativeDrivers {
+    tasks: tokio::task::JoinSet<String>,
+    running: HashSet<String>,
+    /// Batches whose driver stopped, and when to look at them again.
+    not_before: HashMap<String, std::time::Instant>,
+}
 
 /// One semaphore per provider, created on first use.
 pub struct ProviderSlots {
@@ -96,10 +106,13 @@ impl Worker {
         let poll = Duration::from_millis(self.state.batches.settings.poll_ms.max(10));
         // Deliveries are looked for at most once per poll interval, not on every claim.
         let mut last_delivery_check = std::time::Instant::now().checked_sub(poll).unwrap_or_else(std::time::Instant::now);
+        // Native-lane drivers: owned by this loop, so that stopping the worker stops them.
+        let mut native = NativeDrivers::default();
         loop {
             if let Err(e) = self.look_after_batches().await {
                 tracing::warn!(error = %e, "batch worker: could not look after batches");
             }
+            self.drive_native_lanes(&mut native);
             if last_delivery_check.elapsed() >= poll {
                 last_delivery_check = std::time::Instant::now();
                 if let Err(e) = self.deliver_due().await {
@@ -116,6 +129,31 @@ impl Worker {
             if claimed == 0 {
                 let wake = self.state.batches.wake.notified();
                 let _ = tokio::time::timeout(poll, wake).await;
+            }
+        }
+    }
+
+    /// Starts a driver for each native-lane batch in progress that has none here yet (the
+    /// store's native lease decides which instance actually drives it).
+    fn drive_native_lanes(&self, drivers: &mut NativeDrivers) {
+        let now = std::time::Instant::now();
+        let pause = Duration::from_millis(self.state.batches.settings.native_poll_ms.max(10));
+        while let Some(done) = drivers.tasks.try_join_next() {
+            if let Ok(id) = done {
+                drivers.running.remove(&id);
+                // Stopped (ended, fell back, or another worker holds it): look again later.
+                drivers.not_before.insert(id, now + pause);
+            }
+        }
+        drivers.not_before.retain(|_, at| *at > now);
+        let batches: Vec<Arc<BatchRecord>> = Self::lock(&self.batches).values().cloned().collect();
+        for batch in batches.iter().filter(|b| b.lane == LANE_NATIVE && b.status == "in_progress") {
+            if !drivers.not_before.contains_key(&batch.id) && drivers.running.insert(batch.id.clone()) {
+                let (state, owner, id, org) = (self.state.clone(), self.owner.clone(), batch.id.clone(), batch.org_id.clone());
+                drivers.tasks.spawn(async move {
+                    super::native_lane::drive(state, owner, id.clone(), org).await;
+                    id
+                });
             }
         }
     }
@@ -280,6 +318,9 @@ impl Worker {
                 match store.finish_batch(&batch.id, status, output.as_ref(), errors.as_ref(), unix_now_ms()).await {
                     Ok(true) => {
                         self.release_credit(batch).await;
+                        if status != "completed" && batch.lane == LANE_NATIVE {
+                            super::native_lane::cancel_provider_batch(&self.state, batch).await;
+                        }
                         let (out, err) = (output.as_ref().map(|f| f.id.as_str()), errors.as_ref().map(|f| f.id.as_str()));
                         Self::lock(&self.progress).remove(&batch.id);
                         self.notify(batch, webhook::event(batch, status, status, out, err), webhook::MAX_ATTEMPTS).await;

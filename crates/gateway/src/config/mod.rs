@@ -264,12 +264,30 @@ fn merge_models(
             return Err(invalid(source, format!("models.\"{id}\".routes"), message));
         }
         model.routes.retain(|r| providers.contains_key(&r.provider));
+        check_batch_prices(&model, id, providers, source)?;
         if !model.routes.is_empty() {
             models.insert(id.clone(), model);
         }
     }
     check_aliases(&models, file)?;
     Ok(models)
+}
+
+/// Batch prices only on routes whose provider has a native batch API.
+fn check_batch_prices(
+    model: &ModelConfig,
+    id: &str,
+    providers: &BTreeMap<String, ProviderConfig>,
+    file: &str,
+) -> Result<(), ConfigError> {
+    for (i, route) in model.routes.iter().enumerate() {
+        let Some(provider) = providers.get(&route.provider) else { continue };
+        if route.batch_input_per_mtok.is_some() && !provider.kind.has_native_batch() {
+            let message = format!("provider `{}` ({} kind) has no native batch API", route.provider, provider.kind.as_str());
+            return Err(invalid(file, format!("models.\"{id}\".routes[{i}].batch_input_per_mtok"), message));
+        }
+    }
+    Ok(())
 }
 
 fn known_provider_ids(catalog: &toml::Table, user: &toml::Table) -> BTreeSet<String> {

@@ -129,6 +129,8 @@ pub struct BatchSettings {
     pub webhook_retry_base_ms: u64,
     /// Least time between two `batch.progress` events of one batch, in milliseconds.
     pub webhook_progress_ms: u64,
+    /// How often a batch on a provider's native batch lane is polled, in milliseconds.
+    pub native_poll_ms: u64,
 }
 
 /// `[security]`
@@ -153,6 +155,7 @@ impl Default for BatchSettings {
             worker: true,
             webhook_retry_base_ms: 675_000,
             webhook_progress_ms: 30_000,
+            native_poll_ms: 60_000,
         }
     }
 }
@@ -346,6 +349,7 @@ impl ModelConfig {
         }
         for (i, route) in self.routes.iter().enumerate() {
             route.price().map_err(|(key, m)| (format!("routes[{i}].{key}"), m))?;
+            route.batch_price().map_err(|(key, m)| (format!("routes[{i}].{key}"), m))?;
         }
         Ok(())
     }
@@ -362,6 +366,11 @@ pub struct RouteConfig {
     #[serde(default)]
     pub cached_input_per_mtok: Option<String>,
     pub currency: String,
+    /// The provider's native batch API prices (same currency); both or neither.
+    #[serde(default)]
+    pub batch_input_per_mtok: Option<String>,
+    #[serde(default)]
+    pub batch_output_per_mtok: Option<String>,
 }
 
 impl RouteConfig {
@@ -376,5 +385,19 @@ impl RouteConfig {
         };
         let currency: Currency = self.currency.parse().map_err(|m| ("currency".to_owned(), m))?;
         Ok(TokenPrice { input_per_mtok: input, output_per_mtok: output, cached_input_per_mtok: cached, currency })
+    }
+
+    /// The route's native batch price, if it has one (cached input at the batch input price);
+    /// on failure the key and what is wrong.
+    pub fn batch_price(&self) -> Result<Option<TokenPrice>, (String, String)> {
+        let field = |key: &str, v: &str| parse_price(v).map_err(|m| (key.to_owned(), m));
+        let (input, output) = match (&self.batch_input_per_mtok, &self.batch_output_per_mtok) {
+            (None, None) => return Ok(None),
+            (Some(i), Some(o)) => (field("batch_input_per_mtok", i)?, field("batch_output_per_mtok", o)?),
+            (Some(_), None) => return Err(("batch_output_per_mtok".into(), "is required with batch_input_per_mtok".into())),
+            (None, Some(_)) => return Err(("batch_input_per_mtok".into(), "is required with batch_output_per_mtok".into())),
+        };
+        let currency: Currency = self.currency.parse().map_err(|m| ("currency".to_owned(), m))?;
+        Ok(Some(TokenPrice { input_per_mtok: input, output_per_mtok: output, cached_input_per_mtok: input, currency }))
     }
 }

@@ -104,3 +104,33 @@ fn every_catalog_entry_is_valid_when_every_key_is_set() {
     assert_eq!(config.providers.len(), catalog["providers"].as_table().unwrap().len());
     assert_eq!(config.models.len(), catalog["models"].as_table().unwrap().len());
 }
+
+#[test]
+fn batch_prices_come_in_pairs_and_only_where_the_provider_has_a_batch_api() {
+    let provider = |kind: &str| format!("[providers.up]\nkind = \"{kind}\"\nbase_url = \"http://127.0.0.1:1/v1\"\nregion = \"US\"\n");
+    let model = |prices: &str| {
+        format!("[models.\"acme/m\"]\nroutes = [{{ provider = \"up\", model = \"m\", input_per_mtok = \"2\", output_per_mtok = \"8\", currency = \"USD\"{prices} }}]\n")
+    };
+    let both = r#", batch_input_per_mtok = "1", batch_output_per_mtok = "4""#;
+    let config = load(&format!("{}{}", provider("openai"), model(both)), &[]).unwrap();
+    let price = config.models["acme/m"].routes[0].batch_price().unwrap().unwrap();
+    assert_eq!((price.input_per_mtok, price.output_per_mtok), (Decimal::ONE, Decimal::from(4)));
+    let half = error_text(&format!("{}{}", provider("anthropic"), model(r#", batch_input_per_mtok = "1""#)));
+    assert!(half.contains("batch_output_per_mtok") && half.contains("required"), "{half}");
+    let gemini = error_text(&format!("{}{}", provider("gemini"), model(both)));
+    assert!(gemini.contains("no native batch API"), "{gemini}");
+    let bad = error_text(&format!("{}{}", provider("openai"), model(r#", batch_input_per_mtok = "x", batch_output_per_mtok = "4""#)));
+    assert!(bad.contains("batch_input_per_mtok"), "{bad}");
+}
+
+#[test]
+fn the_bundled_openai_and_anthropic_routes_have_batch_prices_at_half() {
+    let config = load("", &[("OPENAI_API_KEY", "sk"), ("ANTHROPIC_API_KEY", "sk")]).unwrap();
+    let route = |model: &str| config.models[model].routes.iter().find(|r| r.provider == "openai" || r.provider == "anthropic").unwrap().clone();
+    for model in ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4.5"] {
+        let route = route(model);
+        let (price, batch) = (route.price().unwrap(), route.batch_price().unwrap().unwrap());
+        assert_eq!(batch.input_per_mtok * Decimal::TWO, price.input_per_mtok, "{model}");
+        assert_eq!(batch.output_per_mtok * Decimal::TWO, price.output_per_mtok, "{model}");
+    }
+}

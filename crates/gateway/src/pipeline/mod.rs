@@ -18,7 +18,7 @@ use crate::accounts::Principal;
 use crate::admission::Billing;
 use crate::error::ApiError;
 use crate::limits::Quota;
-use crate::money::{decimal_to_nanos_ceil, Money, TokenCounts};
+use crate::money::{decimal_to_nanos_ceil, Money, TokenCounts, TokenPrice};
 use crate::registry::{Model, Route};
 
 pub use plan::Candidate;
@@ -136,11 +136,16 @@ pub struct Outcome<'a> {
 /// Charges the request for `usage` on `route` (durably, through its billing), writes
 /// `usage.cost`, and returns the cost. A request without billing costs nothing.
 pub async fn settle(ctx: &mut RequestCtx, route: &Route, usage: &mut Usage) -> Result<Option<Money>, ApiError> {
+    settle_at(ctx, &route.price, usage).await
+}
+
+/// [`settle`] at `price` (a native batch lane's item is charged at its route's batch price).
+pub async fn settle_at(ctx: &mut RequestCtx, price: &TokenPrice, usage: &mut Usage) -> Result<Option<Money>, ApiError> {
     let Some(billing) = ctx.billing.take() else { return Ok(None) };
     let cost = if billing.is_free() {
         Money::zero(billing.currency())
     } else {
-        billing.cost(route, token_counts(usage))
+        billing.cost_at(price, token_counts(usage))
     };
     billing.settle(&ctx.id, cost).await?;
     usage.cost = ExactNumber::new(cost.amount.to_string());

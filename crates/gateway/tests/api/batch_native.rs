@@ -228,7 +228,8 @@ async fn quotes_estimate_from_samples_and_show_selected_and_rejected_lanes() {
         .json::<Value>()
         .await
         .unwrap();
-    let rejected: Vec<&Value> = only_sample["quote_lanes"].as_array().unwrap().iter().filter(|l| l["selected"] == false).collect();
+    let rejected: Vec<&Value> =
+        only_sample["quote_lanes"].as_array().unwrap().iter().filter(|l| l["selected"] == false && l["kind"] == "realtime").collect();
     assert_eq!(rejected.len(), 1, "{only_sample}");
     assert_eq!(rejected[0]["rejection"]["reason"], "ignored");
     assert!(rejected[0]["lane_id"].as_str().unwrap().contains("backup"));

@@ -6,6 +6,7 @@
 mod accounts;
 mod batch;
 mod batch_crash;
+mod batch_lanes;
 mod batch_native;
 mod batch_webhook;
 mod breakers;

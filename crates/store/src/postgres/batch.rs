@@ -7,7 +7,7 @@ use sqlx::{Postgres, Transaction};
 use super::PgStore;
 
 const CLAIM_SQL: &str = "WITH c AS (SELECT i.batch_id, i.idx FROM batch_items i JOIN batches b ON b.id = i.batch_id \
-         WHERE b.status = 'in_progress' AND b.expires_at_ms > $3 AND (i.state = 'pending' OR (i.state = 'running' AND i.lease_until_ms < $4)) \
+         WHERE b.status = 'in_progress' AND b.lane = 'realtime' AND b.expires_at_ms > $3 AND (i.state = 'pending' OR (i.state = 'running' AND i.lease_until_ms < $4)) \
          ORDER BY b.id, i.idx LIMIT $5 FOR UPDATE OF i SKIP LOCKED) \
      UPDATE batch_items t SET state = 'running', owner = $1, lease_until_ms = $2, attempts = t.attempts + 1 \
      FROM c WHERE t.batch_id = c.batch_id AND t.idx = c.idx \

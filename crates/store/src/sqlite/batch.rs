@@ -5,7 +5,7 @@ use super::SqliteStore;
 
 const CLAIM_SQL: &str = "UPDATE batch_items SET state = 'running', owner = ?, lease_until_ms = ?, attempts = attempts + 1 \
      WHERE rowid IN (SELECT i.rowid FROM batch_items i JOIN batches b ON b.id = i.batch_id \
-         WHERE b.status = 'in_progress' AND b.expires_at_ms > ? AND (i.state = 'pending' OR (i.state = 'running' AND i.lease_until_ms < ?)) \
+         WHERE b.status = 'in_progress' AND b.lane = 'realtime' AND b.expires_at_ms > ? AND (i.state = 'pending' OR (i.state = 'running' AND i.lease_until_ms < ?)) \
          ORDER BY b.id, i.idx LIMIT ?) \
      RETURNING batch_id, idx, custom_id, body, attempts";
 
