@@ -114,6 +114,8 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
             .map_err(|message| preflight(vec![json!({"code": "unsafe_webhook_url", "message": message})]))?;
     }
     let (items, file_id, max_cost) = gather(state, principal, &request).await?;
+    // Sealed before anything is reserved: stored sealed, opened only to sign a delivery.
+    let webhook_secret = request.webhook.as_ref().map(|w| state.secrets.seal(&w.secret)).transpose().map_err(|e| ApiError::Internal(e.into()))?;
     let now = unix_now_ms();
     let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
     let until = now + WINDOW_MS + super::create::LEASE_MARGIN_MS;
@@ -134,7 +136,7 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         idempotency_key: Some(key.clone()),
         request_hash: Some(hash.clone()),
         webhook_url: request.webhook.as_ref().map(|w| w.url.clone()),
-        webhook_secret: request.webhook.as_ref().map(|w| w.secret.clone()),
+        webhook_secret,
         credit_lease_id: lease,
         ..BatchRecord::default()
     };

@@ -8,6 +8,7 @@ mod batch;
 mod batch_crash;
 mod batch_native;
 mod batch_webhook;
+mod batch_webhook_secrets;
 mod breakers;
 mod chains;
 mod chat;
