@@ -1,6 +1,7 @@
 //! Webhook secrets at rest: a batch's secret and the organisation's default are stored sealed
 //! (their plaintext is nowhere in the data directory or the database), deliveries are still
 //! signed with the plaintext, and secrets stored in plaintext before sealing keep working.
+//! The binary refuses to start on Postgres without a secrets key.
 
 use serde_json::{json, Value};
 
@@ -66,4 +67,23 @@ async fn secrets_stored_in_plaintext_before_sealing_still_sign() {
     assert_eq!(created.status, 201, "{}", created.body);
     let got = wait_deliveries(&received, 1).await;
     assert_eq!(got[0].0, hmac_hex("legacy-plaintext-secret", &got[0].1));
+}
+
+#[test]
+fn the_binary_refuses_postgres_without_a_secrets_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // Refused while loading the config: the database is never reached.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_marga"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", "postgres://marga@127.0.0.1:1/marga", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("MARGA_SECRETS_KEY")
+        .env_remove("MARGA_CONFIG")
+        .env_remove("MARGA_DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("invalid configuration") && stderr.contains("security.secrets_key") && stderr.contains("MARGA_SECRETS_KEY"), "{stderr}");
+    assert!(!dir.path().join("secrets.key").exists(), "no key generated for Postgres");
 }
