@@ -51,6 +51,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    SecretsKey(#[from] crate::secrets::KeyFileError),
     #[error("cannot open the request log's spill file: {source}")]
     RequestLog {
         #[source]
@@ -74,6 +76,7 @@ impl App {
         let prometheus = crate::telemetry::prometheus();
         let registry = Arc::new(Registry::build(&config)?);
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { source })?;
+        let secrets_key = crate::secrets::load_or_create(config.secrets_key.clone(), &config.data_dir)?;
         let spill = config.data_dir.join("requests.spill");
         let (log, log_writer) = RequestLog::start(store.clone(), &config.log, Some(&spill))
             .map_err(|source| StartError::RequestLog { source })?;
@@ -120,6 +123,7 @@ impl App {
             prometheus,
             max_body: config.server.max_body_bytes,
             batches: Arc::new(batches),
+            secrets: Arc::new(crate::secrets::Secrets::new(&secrets_key)),
         };
         let mut background = background;
         if config.batch.worker {

@@ -19,5 +19,6 @@ pub mod pipeline;
 pub mod registry;
 pub mod request_log;
 pub mod routing;
+pub mod secrets;
 pub mod telemetry;
 pub mod tokens;

@@ -121,6 +121,8 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
     let window_ms = super::lanes::parse_window(&window)?;
     let (items, file_id, max_cost, lanes) = gather(state, principal, &request).await?;
     let (lane, lane_route) = super::create::choose_lane(lanes.as_ref(), window_ms);
+    // Sealed before anything is reserved: stored sealed, opened only to sign a delivery.
+    let webhook_secret = request.webhook.as_ref().map(|w| state.secrets.seal(&w.secret)).transpose().map_err(|e| ApiError::Internal(e.into()))?;
     let now = unix_now_ms();
     let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
     let until = now + window_ms + super::create::LEASE_MARGIN_MS;
@@ -141,7 +143,7 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         idempotency_key: Some(key.clone()),
         request_hash: Some(hash.clone()),
         webhook_url: request.webhook.as_ref().map(|w| w.url.clone()),
-        webhook_secret: request.webhook.as_ref().map(|w| w.secret.clone()),
+        webhook_secret,
         credit_lease_id: lease,
         lane,
         lane_route,

@@ -6,7 +6,9 @@
 //! A non-2xx answer (or no answer within 10 s) is retried with exponential backoff, up to
 //! [`MAX_ATTEMPTS`] deliveries (spread over ~24 h by default: `[batch]
 //! webhook_retry_base_ms`). Deliveries are rows in the store, claimed by the batch worker
-//! like items, so retries survive a restart and are shared between instances.
+//! like items, so retries survive a restart and are shared between instances. Secrets are
+//! stored sealed (`crate::secrets`): the batch's, the organisation's default and the copy in
+//! each queued delivery; the worker opens it only to sign.
 //!
 //! SSRF: a target must be `https` and every address its host resolves to must be public (not
 //! private, loopback, link-local, CGNAT, unspecified or multicast), checked when the webhook
@@ -33,11 +35,18 @@ pub fn org_setting(org_id: &str) -> String {
     format!("delivery_webhook:{org_id}")
 }
 
-/// Where and how to deliver.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+/// Where and how to deliver. `secret` is the plaintext as a client gives it, sealed
+/// (`crate::secrets`) once stored; `Debug` never shows it.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Target {
     pub url: String,
     pub secret: String,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("url", &self.url).field("secret", &"…").finish()
+    }
 }
 
 /// Checks a webhook as given by a client: secret length and the URL's safety.

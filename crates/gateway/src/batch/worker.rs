@@ -386,8 +386,10 @@ impl Worker {
     /// One attempt; records delivered, failed (out of attempts) or when to try again.
     async fn deliver_one(&self, d: DeliveryRecord) {
         let batches = &self.state.batches;
-        let signed = webhook::signature(&d.secret, d.body.as_bytes());
-        let result = webhook::post(&d.url, &d.body, &signed, batches.allow_private_webhooks).await;
+        let result = match self.state.secrets.open(&d.secret) {
+            Ok(secret) => webhook::post(&d.url, &d.body, &webhook::signature(&secret, d.body.as_bytes()), batches.allow_private_webhooks).await,
+            Err(e) => Err(e.to_string()),
+        };
         let attempts = d.attempts + 1;
         let now = unix_now_ms();
         let (state, next_at) = match result {

@@ -41,6 +41,9 @@ pub struct Config {
     pub limits: LimitSettings,
     pub batch: schema::BatchSettings,
     pub security: schema::SecuritySettings,
+    /// The key that seals stored secrets, when configured (`None`: the key file under
+    /// `data_dir`, SQLite only).
+    pub secrets_key: Option<crate::secrets::SecretsKey>,
     pub routing: RoutingSettings,
     pub fx: crate::money::Fx,
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -139,6 +142,8 @@ impl Config {
                 return Err(invalid(&file_name, "database_url", "must be a postgres:// URL (omit it for SQLite)"));
             }
         }
+        let mut security = top.security;
+        let secrets_key = secrets_key(security.secrets_key.take(), database_url.is_some(), &file_name, lookup)?;
         if top.billing.default_org_currency.parse::<crate::money::Currency>().is_err() {
             return Err(invalid(&file_name, "billing.default_org_currency", "must be USD or INR"));
         }
@@ -152,12 +157,44 @@ impl Config {
             billing: top.billing,
             limits: top.limits,
             batch: top.batch,
-            security: top.security,
+            security,
+            secrets_key,
             routing,
             fx,
             providers,
             models,
         })
+    }
+}
+
+/// `MARGA_SECRETS_KEY`, or else `[security] secrets_key` with `${VAR}` expanded; required
+/// with Postgres, where every instance must open what another sealed.
+fn secrets_key(
+    from_file: Option<String>,
+    postgres: bool,
+    file: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<crate::secrets::SecretsKey>, ConfigError> {
+    const KEY: &str = "security.secrets_key";
+    let env_name = crate::secrets::KEY_ENV;
+    let (text, source) = match lookup(env_name).filter(|v| !v.trim().is_empty()) {
+        Some(value) => (Some(value), env_name),
+        None => {
+            let expanded = from_file
+                .map(|raw| env::expand(&raw, lookup))
+                .transpose()
+                .map_err(|name| invalid(file, KEY, format!("the environment variable `{name}` is not set")))?;
+            (expanded.filter(|v| !v.trim().is_empty()), file)
+        }
+    };
+    match text {
+        Some(text) => crate::secrets::SecretsKey::parse(&text).map(Some).map_err(|e| invalid(source, KEY, e.to_string())),
+        None if postgres => Err(invalid(
+            file,
+            KEY,
+            format!("required with a Postgres `database_url`: set {env_name} (the same key on every instance; e.g. `openssl rand -base64 32`)"),
+        )),
+        None => Ok(None),
     }
 }
 

@@ -140,6 +140,9 @@ pub struct SecuritySettings {
     /// Let webhooks target private, loopback and link-local addresses, and plain http (for
     /// receivers on the operator's own network). Off: https to public addresses only.
     pub allow_private_webhook_targets: bool,
+    /// The key that seals stored secrets (`${VAR}` expanded; `MARGA_SECRETS_KEY` wins). Taken
+    /// out at load into [`super::Config::secrets_key`]: always `None` here after.
+    pub secrets_key: Option<String>,
 }
 
 impl Default for BatchSettings {

@@ -134,3 +134,32 @@ fn the_bundled_openai_and_anthropic_routes_have_batch_prices_at_half() {
         assert_eq!(batch.output_per_mtok * Decimal::TWO, price.output_per_mtok, "{model}");
     }
 }
+
+#[test]
+fn the_secrets_key_comes_from_the_environment_or_the_file_and_postgres_requires_one() {
+    let hex_key = "2a".repeat(32);
+    let base64_key = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+    let from_env = load("", &[("MARGA_SECRETS_KEY", base64_key)]).unwrap();
+    let from_file = load("[security]\nsecrets_key = \"${MY_KEY}\"\n", &[("MY_KEY", &hex_key)]).unwrap();
+    assert!(from_env.secrets_key.is_some() && from_env.secrets_key == from_file.secrets_key, "hex and base64 alike");
+    assert!(from_file.security.secrets_key.is_none(), "the raw value is not kept");
+    assert!(load("", &[]).unwrap().secrets_key.is_none(), "SQLite: the key file is used");
+
+    let bad = load("", &[("MARGA_SECRETS_KEY", "not-a-key-value")]).unwrap_err().to_string();
+    assert!(bad.contains("MARGA_SECRETS_KEY") && bad.contains("security.secrets_key"), "{bad}");
+    assert!(!bad.contains("not-a-key-value"), "the value is never quoted: {bad}");
+    let unset = error_text("[security]\nsecrets_key = \"${MY_KEY}\"\n");
+    assert!(unset.contains("MY_KEY"), "{unset}");
+
+    let postgres = |env: &[(&str, &str)]| {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"").unwrap();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let database_url = Some("postgres://db.example/marga".to_owned());
+        Config::load_with_env(Overrides { config_file: Some(file.path().to_owned()), database_url, ..Overrides::default() }, &lookup)
+    };
+    let refused = postgres(&[]).unwrap_err().to_string();
+    assert!(refused.contains("security.secrets_key") && refused.contains("MARGA_SECRETS_KEY"), "{refused}");
+    assert!(postgres(&[("MARGA_SECRETS_KEY", base64_key)]).unwrap().secrets_key.is_some());
+}

@@ -209,10 +209,11 @@ pub async fn put_delivery_webhook(State(state): State<AppState>, headers: Header
     let principal = state.admission.accounts.authenticate(&headers)?;
     principal.require_management()?;
     let bytes = read_body(body, state.max_body).await?;
-    let target: crate::batch::webhook::Target = parse_json(&bytes)?;
+    let mut target: crate::batch::webhook::Target = parse_json(&bytes)?;
     crate::batch::webhook::check(&target, state.batches.allow_private_webhooks)
         .await
         .map_err(|message| ApiError::Preflight { message: message.clone(), problems: vec![json!({"code": "unsafe_webhook_url", "message": message})] })?;
+    target.secret = state.secrets.seal(&target.secret).map_err(|e| ApiError::Internal(e.into()))?;
     let stored = serde_json::to_string(&target).map_err(|e| ApiError::Internal(e.into()))?;
     let key = crate::batch::webhook::org_setting(&principal.org.id);
     state.batches.store.put_setting(&key, &stored).await.map_err(store_error)?;

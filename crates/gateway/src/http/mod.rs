@@ -53,6 +53,8 @@ pub struct AppState {
     pub prometheus: Option<PrometheusHandle>,
     pub max_body: usize,
     pub batches: Arc<Batches>,
+    /// Seals secrets before they are stored, opens them where they are used.
+    pub secrets: Arc<crate::secrets::Secrets>,
 }
 
 fn api_routes() -> Router<AppState> {

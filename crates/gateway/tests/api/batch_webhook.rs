@@ -15,10 +15,10 @@ use crate::accounts::{call, grant, new_key, new_org, Answer};
 use crate::helpers::{spawn_app, spawn_app_with, Options, TestApp};
 
 /// Deliveries received: (signature header, raw body).
-type Received = Arc<Mutex<Vec<(String, String)>>>;
+pub(crate) type Received = Arc<Mutex<Vec<(String, String)>>>;
 
 /// A receiver on a local port that answers 500 to the first `failures` deliveries.
-async fn receiver(failures: usize) -> (String, Received) {
+pub(crate) async fn receiver(failures: usize) -> (String, Received) {
     let received: Received = Arc::default();
     let seen = Arc::clone(&received);
     let app = axum::Router::new().route(
@@ -39,27 +39,27 @@ async fn receiver(failures: usize) -> (String, Received) {
     (url, received)
 }
 
-fn hmac_hex(secret: &str, body: &str) -> String {
+pub(crate) fn hmac_hex(secret: &str, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(body.as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
 
-async fn create(app: &TestApp, key: &str, idempotency: &str, body: &Value) -> Answer {
+pub(crate) async fn create(app: &TestApp, key: &str, idempotency: &str, body: &Value) -> Answer {
     let response = app.client.post(app.url("/v1/batches")).bearer_auth(key).header("Idempotency-Key", idempotency).json(body).send().await.unwrap();
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     Answer { status, headers, body: response.json().await.unwrap() }
 }
 
-fn items(n: usize) -> Value {
+pub(crate) fn items(n: usize) -> Value {
     let items: Vec<Value> = (0..n)
         .map(|i| json!({"customer_item_id": format!("w{i}"), "operation": "responses", "model": "sandbox/echo", "input": {"input": "hi"}}))
         .collect();
     json!(items)
 }
 
-async fn wait_deliveries(received: &Received, n: usize) -> Vec<(String, String)> {
+pub(crate) async fn wait_deliveries(received: &Received, n: usize) -> Vec<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let got = received.lock().unwrap().clone();
@@ -71,7 +71,7 @@ async fn wait_deliveries(received: &Received, n: usize) -> Vec<(String, String)>
     }
 }
 
-fn allowing() -> Options {
+pub(crate) fn allowing() -> Options {
     let extra_toml = "[security]\nallow_private_webhook_targets = true\n\n[batch]\nwebhook_retry_base_ms = 50\n".to_owned();
     Options { extra_toml, ..Options::default() }
 }

@@ -69,6 +69,14 @@ impl Data {
         args
     }
 
+    /// On Postgres, the shared secrets key (required there); on SQLite none (a key file).
+    fn secrets_env(&self) -> Vec<(&'static str, &'static str)> {
+        match self.database {
+            Some(_) => vec![("MARGA_SECRETS_KEY", crate::helpers::TEST_SECRETS_KEY)],
+            None => Vec::new(),
+        }
+    }
+
     /// The store, opened from the test (as another process would).
     pub async fn store(&self) -> Arc<dyn Repos> {
         marga_store::open(self.database.as_ref().map(|db| db.url.as_str()), &self.data_dir()).await.expect("open the store")
@@ -112,6 +120,8 @@ impl Gateway {
                 .env_remove("MARGA_LISTEN")
                 .env_remove("MARGA_DATA_DIR")
                 .env_remove("MARGA_CONFIG")
+                .env_remove("MARGA_SECRETS_KEY")
+                .envs(data.secrets_env())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(stderr)

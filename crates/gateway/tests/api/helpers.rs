@@ -398,19 +398,26 @@ struct Running {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// The secrets key given to apps on Postgres (32 bytes of 0x2a, in base64).
+pub const TEST_SECRETS_KEY: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+
 async fn start_server(
     config_path: &Path,
     data_dir: &Path,
     master_key: Option<String>,
     database_url: Option<String>,
 ) -> Running {
+    // Instances sharing Postgres must share the secrets key; on SQLite each app generates its
+    // own key file.
+    let secrets_key = database_url.as_ref().map(|_| TEST_SECRETS_KEY.to_owned());
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".parse().expect("addr")),
         data_dir: Some(data_dir.join("data")),
         config_file: Some(config_path.to_owned()),
         database_url,
     };
-    let config = Config::load_with_env(overrides, &|_| None).expect("config loads");
+    let lookup = |name: &str| (name == "MARGA_SECRETS_KEY").then(|| secrets_key.clone()).flatten();
+    let config = Config::load_with_env(overrides, &lookup).expect("config loads");
     let app = App::build(config, master_key).await.expect("app builds");
     let generated_key = match app.master_key() {
         MasterKey::Generated(key) => Some(key.clone()),

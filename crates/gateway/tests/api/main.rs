@@ -9,6 +9,7 @@ mod batch_crash;
 mod batch_lanes;
 mod batch_native;
 mod batch_webhook;
+mod batch_webhook_secrets;
 mod breakers;
 mod chains;
 mod chat;

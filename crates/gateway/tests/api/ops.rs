@@ -117,7 +117,8 @@ async fn a_restart_on_the_same_data_dir_keeps_the_generated_key() {
             config_file: None,
             database_url: database.as_ref().map(|db| db.url.clone()),
         };
-        Config::load_with_env(overrides, &|_| None).unwrap()
+        let key = |name: &str| (name == "MARGA_SECRETS_KEY").then(|| crate::helpers::TEST_SECRETS_KEY.to_owned());
+        Config::load_with_env(overrides, &key).unwrap()
     };
     let first = App::build(config(), None).await.unwrap();
     let MasterKey::Generated(key) = first.master_key() else { panic!("first start generates a key") };
