@@ -58,7 +58,8 @@ def start_instance(i, tmp, cfg, database_url, logdir):
     data = tmp / f"marga{i}-data"
     data.mkdir()
     port = b.free_port()
-    env = dict(os.environ, MARGA_MASTER_KEY=b.MASTER_KEY, RUST_LOG="warn")
+    # Every instance needs the same secrets key on a shared Postgres.
+    env = dict(os.environ, MARGA_MASTER_KEY=b.MASTER_KEY, RUST_LOG="warn", MARGA_SECRETS_KEY="2a" * 32)
     cmd = [str(b.BIN / "marga"), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
            "--config", str(cfg), "--database-url", database_url]
     p = b.track(subprocess.Popen(cmd, env=env, stdout=open(logdir / f"marga{i}.log", "w"), stderr=subprocess.STDOUT))
