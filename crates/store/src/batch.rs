@@ -65,6 +65,9 @@ pub struct BatchRecord {
     pub lane_route: Option<String>,
     /// The provider's batch id once the native lane submitted the items.
     pub native_batch_id: Option<String>,
+    /// The lanes not taken and why (JSON array of `{kind, route?, reason}`), decided at
+    /// creation.
+    pub rejected_lanes: Option<String>,
 }
 
 impl Default for BatchRecord {
@@ -98,6 +101,7 @@ impl Default for BatchRecord {
             lane: LANE_REALTIME.to_owned(),
             lane_route: None,
             native_batch_id: None,
+            rejected_lanes: None,
         }
     }
 }
@@ -303,4 +307,4 @@ pub(crate) const FILE_COLUMNS: &str = "id, org_id, purpose, filename, bytes, lin
 
 pub(crate) const BATCH_COLUMNS: &str = "id, org_id, key_id, endpoint, input_file_id, completion_window, metadata, \
      status, total, completed, failed, output_file_id, error_file_id, created_at_ms, in_progress_at_ms, \
-     finalizing_at_ms, completed_at_ms, cancelling_at_ms, cancelled_at_ms, expires_at_ms, idempotency_key, request_hash, webhook_url, webhook_secret, credit_lease_id, lane, lane_route, native_batch_id";
+     finalizing_at_ms, completed_at_ms, cancelling_at_ms, cancelled_at_ms, expires_at_ms, idempotency_key, request_hash, webhook_url, webhook_secret, credit_lease_id, lane, lane_route, native_batch_id, rejected_lanes";

@@ -129,7 +129,8 @@ macro_rules! batch_repos {
                             .push_bind(&r.credit_lease_id)
                             .push_bind(&r.lane)
                             .push_bind(&r.lane_route)
-                            .push_bind(&r.native_batch_id);
+                            .push_bind(&r.native_batch_id)
+                            .push_bind(&r.rejected_lanes);
                     });
                     b.build().execute(&mut *tx).await?;
                     for (chunk_no, chunk) in items.chunks(ITEM_CHUNK).enumerate() {

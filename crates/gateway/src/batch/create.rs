@@ -77,7 +77,7 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
     if items.is_empty() {
         return Err(ApiError::invalid("the input file holds no requests", Some("input_file_id".into())));
     }
-    let (lane, lane_route) = choose_lane(lanes.as_ref(), WINDOW_MS);
+    let choice = choose_lane(lanes.as_ref(), WINDOW_MS);
     let now = unix_now_ms();
     let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
     // The whole batch's maximum cost is reserved now, as a lease its items are charged against.
@@ -96,8 +96,9 @@ pub async fn create(state: &AppState, principal: &Principal, req: CreateBatch) -
         in_progress_at_ms: Some(now),
         expires_at_ms: now + WINDOW_MS,
         credit_lease_id: lease,
-        lane,
-        lane_route,
+        lane: choice.lane,
+        lane_route: choice.route,
+        rejected_lanes: choice.rejected,
         ..BatchRecord::default()
     };
     store_batch(state, &batch, &items).await?;
@@ -191,13 +192,34 @@ fn tally_item(
     tally.add(&sample, &state.registry.fx);
 }
 
-/// The lane a batch runs on: `(lane, native route)` — the native lane when it is the cheaper
-/// one that meets `window_ms`.
-pub(crate) fn choose_lane(lanes: Option<&Tally>, window_ms: i64) -> (String, Option<String>) {
-    match lanes.and_then(|t| t.decide(window_ms).native) {
-        Some(route) => (LANE_NATIVE.to_owned(), Some(route.label())),
-        None => (LANE_REALTIME.to_owned(), None),
+/// The lane a batch runs on — the native lane when it is the cheaper one that meets
+/// `window_ms`, else realtime — with the lanes it does not take and why.
+pub(crate) fn choose_lane(lanes: Option<&Tally>, window_ms: i64) -> LaneChoice {
+    let Some(tally) = lanes else {
+        return LaneChoice { lane: LANE_REALTIME.to_owned(), route: None, rejected: None };
+    };
+    let decision = tally.decide(window_ms);
+    let chosen = decision.native.as_ref().map(|r| r.label());
+    let mut rejected: Vec<serde_json::Value> = decision
+        .lanes
+        .iter()
+        .map(|l| (l.route.label(), l.rejection))
+        .filter(|(route, _)| Some(route) != chosen.as_ref())
+        .map(|(route, reason)| serde_json::json!({"kind": LANE_NATIVE, "route": route, "reason": reason.unwrap_or("not_cheapest")}))
+        .collect();
+    if chosen.is_some() {
+        rejected.push(serde_json::json!({"kind": LANE_REALTIME, "reason": "not_cheaper"}));
     }
+    let lane = if chosen.is_some() { LANE_NATIVE } else { LANE_REALTIME };
+    LaneChoice { lane: lane.to_owned(), route: chosen, rejected: Some(serde_json::Value::Array(rejected).to_string()) }
+}
+
+/// The lane a batch runs on, its route (native lane), and the lanes it does not take with the
+/// reason (JSON, for the billing receipt's `rejected_lanes`).
+pub(crate) struct LaneChoice {
+    pub lane: String,
+    pub route: Option<String>,
+    pub rejected: Option<String>,
 }
 
 /// A batch's credit lease outlives its window by this much (then expires by itself).

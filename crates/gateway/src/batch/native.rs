@@ -120,7 +120,7 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
     let window = request.completion_window.clone().unwrap_or_else(|| super::create::COMPLETION_WINDOW.to_owned());
     let window_ms = super::lanes::parse_window(&window)?;
     let (items, file_id, max_cost, lanes) = gather(state, principal, &request).await?;
-    let (lane, lane_route) = super::create::choose_lane(lanes.as_ref(), window_ms);
+    let choice = super::create::choose_lane(lanes.as_ref(), window_ms);
     // Sealed before anything is reserved: stored sealed, opened only to sign a delivery.
     let webhook_secret = request.webhook.as_ref().map(|w| state.secrets.seal(&w.secret)).transpose().map_err(|e| ApiError::Internal(e.into()))?;
     let now = unix_now_ms();
@@ -145,8 +145,9 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         webhook_url: request.webhook.as_ref().map(|w| w.url.clone()),
         webhook_secret,
         credit_lease_id: lease,
-        lane,
-        lane_route,
+        lane: choice.lane,
+        lane_route: choice.route,
+        rejected_lanes: choice.rejected,
         ..BatchRecord::default()
     };
     store_or_replay(state, principal, batch, &items).await
@@ -317,8 +318,9 @@ pub fn result_json(r: &ItemResult) -> Value {
     })
 }
 
-/// The billing receipt: what the batch's items cost, per lane (model) that ran them.
-pub fn receipt(results: &[ItemResult], currency: &str) -> Value {
+/// The billing receipt: what the batch's items cost, per lane (model) that ran them, and the
+/// lanes not taken with the reason (as decided at creation).
+pub fn receipt(results: &[ItemResult], currency: &str, rejected_lanes: Option<&str>) -> Value {
     let mut total = rust_decimal::Decimal::ZERO;
     let mut lanes: std::collections::BTreeMap<String, (u64, rust_decimal::Decimal)> = Default::default();
     for r in results.iter().filter(|r| !r.is_error) {
@@ -332,7 +334,8 @@ pub fn receipt(results: &[ItemResult], currency: &str) -> Value {
     }
     let provider_lanes: Vec<Value> =
         lanes.into_iter().map(|(model, (items, cost))| json!({"model": model, "items": items, "cost": cost.normalize().to_string()})).collect();
-    json!({"currency": currency, "total_cost": total.normalize().to_string(), "provider_lanes": provider_lanes, "rejected_lanes": []})
+    let rejected: Value = rejected_lanes.and_then(|r| serde_json::from_str(r).ok()).unwrap_or_else(|| json!([]));
+    json!({"currency": currency, "total_cost": total.normalize().to_string(), "provider_lanes": provider_lanes, "rejected_lanes": rejected})
 }
 
 /// The signature of an artifact URL: hex HMAC-SHA256 of `<batch id>.<expires>`.

@@ -75,7 +75,7 @@ pub async fn get(
         return Ok(Json(batch_json(&batch)));
     }
     let receipt = match q.include_billing_receipt && is_terminal(&batch) {
-        true => Some(native::receipt(&all_results(&state, &batch.id).await?, principal.org.currency.code())),
+        true => Some(native::receipt(&all_results(&state, &batch.id).await?, principal.org.currency.code(), batch.rejected_lanes.as_deref())),
         false => None,
     };
     Ok(Json(native::batch_json(&batch, receipt)))

@@ -181,6 +181,15 @@ async fn a_completion_window_shorter_than_a_day_runs_on_the_realtime_lane() {
     let long_id = long.body["batch"]["id"].as_str().unwrap().to_owned();
     assert_eq!(wait_terminal(&app, &other, &long_id, Duration::from_secs(30)).await["status"], "completed");
     assert_eq!(app.upstream("bulk").batches_created(), 1);
+    let receipt = |key: String, id: String| {
+        let app = &app;
+        async move { get(app, &key, &format!("/v1/batches/{id}?include_billing_receipt=true")).await.body["billing_receipt"].clone() }
+    };
+    let taken = receipt(other.clone(), long_id.clone()).await;
+    assert!(
+        taken["rejected_lanes"].as_array().is_some_and(|l| l.contains(&json!({"kind": "realtime", "reason": "not_cheaper"}))),
+        "the receipt says why the realtime lane was not taken: {taken}"
+    );
     let created = native_batch(&app, &key, "lanes-window-1", &json!({"items": items, "completion_window": "2h"})).await;
     assert_eq!(created.status, 201, "{}", created.body);
     let batch = &created.body["batch"];
@@ -190,6 +199,12 @@ async fn a_completion_window_shorter_than_a_day_runs_on_the_realtime_lane() {
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(app.upstream("bulk").batches_created(), 1, "nothing more submitted");
     assert_eq!(app.upstream("bulk").requests_for("/chat/completions"), 2);
+    let hurried = receipt(key.clone(), id.clone()).await;
+    let rejected = hurried["rejected_lanes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        rejected.contains(&json!({"kind": "native", "route": NATIVE_ROUTE, "reason": "completion_window"})),
+        "the receipt says why the native lane was not taken: {hurried}"
+    );
     let openai_shape = get(&app, &key, &format!("/v1/batches/{id}")).await;
     assert_eq!(openai_shape.status, 200);
     let results = get(&app, &key, &format!("/v1/batches/{id}/results")).await.body;
