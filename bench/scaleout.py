@@ -99,7 +99,7 @@ def summary(name, results, used, instances):
             "errors": errors, "cpu_us_per_req": cpu_us, "p50_us": p50, "p99_us": p99}
 
 
-def money_check(url, database_url, org_id, key, instances_urls, n):
+def money_check(database_url, key, instances_urls, n):
     """`n` sequential requests spread over the instances: the costs the clients were told,
     summed exactly, must equal what the ledger charged for those generations."""
     told = 0
@@ -168,7 +168,7 @@ def run(args, tmp, database_url):
     targets = [(url + "/v1/chat/completions", p.pid) for p, url in instances]
     every, used = load(targets, body_marga, auth, args.duration, args.connections)
     rows.append(summary(f"all {args.instances} instances at once", every, used, args.instances))
-    money = money_check(urls[0], database_url, org["id"], key, urls, 60)
+    money = money_check(database_url, key, urls, 60)
     balance = b.api(urls[0] + "/v1/credits", org["management_key"])["data"]
     negative = query(database_url, f"SELECT COUNT(*) FROM (SELECT SUM(amount_nanos) s FROM ledger_entries "
                                    f"WHERE org_id='{org['id']}') t WHERE s < 0")
