@@ -19,48 +19,58 @@ use marga_protocol::openai::{
 };
 use marga_protocol::ConvertError;
 
-use crate::http::{self, Step};
+use crate::http::{self, Outgoing, Reply, Step};
+use ::http::header::{HeaderName, HeaderValue, ACCEPT};
+use ::http::{Method, Uri};
 use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
 
 const PROTOCOL: &str = "Anthropic";
 /// The output cap sent when the client set none (Anthropic requires one).
 pub(crate) const DEFAULT_MAX_TOKENS: u32 = 4096;
 
+const VERSION_HEADER: HeaderName = HeaderName::from_static("anthropic-version");
+const VERSION: HeaderValue = HeaderValue::from_static(API_VERSION);
+const KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
+
 pub struct AnthropicProvider {
-    client: reqwest::Client,
+    client: http::Client,
     base_url: String,
+    /// `{base_url}/messages`, parsed once.
+    messages_uri: Uri,
     api_key: Option<String>,
 }
 
 impl AnthropicProvider {
     pub fn new(settings: ProviderSettings) -> Result<Self, ProviderError> {
+        let base_url = settings.base_url.trim_end_matches('/').to_owned();
         Ok(AnthropicProvider {
-            client: http::client(&settings)?,
-            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            client: http::Client::new(&settings)?,
+            messages_uri: http::parse_uri(&format!("{base_url}/messages"))?,
+            base_url,
             api_key: settings.api_key,
         })
     }
 
     /// `POST {base_url}/messages` with the version header and, when there is one, the key.
-    fn post(&self, api_key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = self.client.post(format!("{}/messages", self.base_url)).header("anthropic-version", API_VERSION);
+    fn post(&self, api_key: Option<&str>) -> Result<Outgoing<'_>, ProviderError> {
+        let builder = self.client.request(Method::POST, self.messages_uri.clone()).header(VERSION_HEADER, VERSION.clone());
         match api_key.or(self.api_key.as_deref()) {
-            Some(key) => Ok(builder.header("x-api-key", http::secret_header(key)?)),
+            Some(key) => Ok(builder.header(KEY_HEADER, http::secret_header(key)?)),
             None => Ok(builder),
         }
     }
 
     /// `method {base_url}{path}` with the version header and the configured key (the
     /// Message Batches API's calls).
-    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
+    pub(crate) fn request(&self, method: Method, path: &str) -> Result<Outgoing<'_>, ProviderError> {
         self.request_url(method, &format!("{}{path}", self.base_url))
     }
 
     /// Like [`Self::request`], for a whole URL the API gave (`results_url`).
-    pub(crate) fn request_url(&self, method: reqwest::Method, url: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let builder = self.client.request(method, url).header("anthropic-version", API_VERSION);
+    pub(crate) fn request_url(&self, method: Method, url: &str) -> Result<Outgoing<'_>, ProviderError> {
+        let builder = self.client.request_url(method, url)?.header(VERSION_HEADER, VERSION.clone());
         match self.api_key.as_deref() {
-            Some(key) => Ok(builder.header("x-api-key", http::secret_header(key)?)),
+            Some(key) => Ok(builder.header(KEY_HEADER, http::secret_header(key)?)),
             None => Ok(builder),
         }
     }
@@ -70,13 +80,13 @@ impl AnthropicProvider {
         &self,
         call: Call<'_, ChatCompletionRequest>,
         stream: bool,
-    ) -> Result<reqwest::Response, ProviderError> {
+    ) -> Result<Reply, ProviderError> {
         let mut body: MessagesRequest =
             to_messages_request(call.request, call.upstream_model, DEFAULT_MAX_TOKENS).map_err(convert_error)?;
         body.stream = stream;
         let mut request = self.post(call.api_key)?;
         if stream {
-            request = request.header("accept", "text/event-stream");
+            request = request.header(ACCEPT, HeaderValue::from_static("text/event-stream"));
         }
         http::post_json(request, &body).await
     }

@@ -8,7 +8,7 @@
 //! `POST {base_url}/messages/batches/{id}/cancel` cancels one.
 
 use marga_protocol::anthropic::{from_messages_response, to_messages_request, MessagesRequest, MessagesResponse};
-use reqwest::Method;
+use ::http::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

@@ -118,24 +118,37 @@ impl ProviderError {
         ProviderError { kind, status: Some(status), retry_after, message, source: None }
     }
 
-    /// Classifies a transport error from the HTTP client.
-    pub fn from_transport(err: reqwest::Error) -> Self {
-        let kind = if err.is_timeout() {
-            ErrorKind::Timeout
-        } else if err.is_connect() || err.is_builder() {
-            ErrorKind::Connect
-        } else if err.is_decode() {
-            ErrorKind::Malformed
+    /// Classifies a transport error from the HTTP client (before a response arrived).
+    pub fn from_transport(err: hyper_util::client::legacy::Error) -> Self {
+        let kind = if err.is_connect() {
+            if caused_by_timeout(&err) { ErrorKind::Timeout } else { ErrorKind::Connect }
         } else {
             ErrorKind::Server
         };
-        // reqwest's Display includes the URL; Gemini keys can live in URLs, so say less.
+        // Say little: the URL is not repeated (Gemini keys can live in URLs).
         let what = match kind {
             ErrorKind::Timeout => "upstream timed out",
             ErrorKind::Connect => "could not connect to upstream",
-            ErrorKind::Malformed => "could not decode upstream response",
             _ => "upstream transport error",
         };
-        ProviderError::new(kind, what).with_source(err.without_url())
+        ProviderError::new(kind, what).with_source(err)
     }
+
+    /// An error while reading a response body: the upstream cut the connection.
+    pub fn from_body(err: hyper::Error) -> Self {
+        let kind = if err.is_timeout() { ErrorKind::Timeout } else { ErrorKind::StreamInterrupted };
+        ProviderError::new(kind, "upstream response was interrupted").with_source(err)
+    }
+}
+
+/// Whether an I/O timeout is somewhere in the error's chain (a connect timeout).
+fn caused_by_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }

@@ -20,14 +20,16 @@ use marga_protocol::openai::{
 use marga_protocol::ConvertError;
 use serde::Serialize;
 
-use crate::http::{self, Step};
+use crate::http::{self, Reply, Step};
+use ::http::header::{HeaderName, HeaderValue, ACCEPT};
+use ::http::Method;
 use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
 
 const PROTOCOL: &str = "Gemini";
-const API_KEY_HEADER: &str = "x-goog-api-key";
+const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-goog-api-key");
 
 pub struct GeminiProvider {
-    client: reqwest::Client,
+    client: http::Client,
     base_url: String,
     api_key: Option<String>,
 }
@@ -35,7 +37,7 @@ pub struct GeminiProvider {
 impl GeminiProvider {
     pub fn new(settings: ProviderSettings) -> Result<Self, ProviderError> {
         Ok(GeminiProvider {
-            client: http::client(&settings)?,
+            client: http::Client::new(&settings)?,
             base_url: settings.base_url.trim_end_matches('/').to_owned(),
             api_key: settings.api_key,
         })
@@ -48,14 +50,14 @@ impl GeminiProvider {
         method: &str,
         api_key: Option<&str>,
         body: &impl Serialize,
-    ) -> Result<reqwest::Response, ProviderError> {
+    ) -> Result<Reply, ProviderError> {
         let model = model.strip_prefix("models/").unwrap_or(model);
-        let mut builder = self.client.post(format!("{}/models/{model}:{method}", self.base_url));
+        let mut builder = self.client.request_url(Method::POST, &format!("{}/models/{model}:{method}", self.base_url))?;
         if let Some(key) = api_key.or(self.api_key.as_deref()) {
             builder = builder.header(API_KEY_HEADER, http::secret_header(key)?);
         }
         if method.starts_with("streamGenerateContent") {
-            builder = builder.header(reqwest::header::ACCEPT, "text/event-stream");
+            builder = builder.header(ACCEPT, HeaderValue::from_static("text/event-stream"));
         }
         http::post_json(builder, body).await
     }

@@ -11,7 +11,9 @@ use marga_protocol::openai::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::http::{self, Step};
+use crate::http::{self, Outgoing, Reply, Step};
+use ::http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION};
+use ::http::{Method, Uri};
 use crate::{
     BoxFuture, Call, ChunkStream, CompletionStream, ErrorKind, Provider, ProviderError,
     ProviderKind, ProviderSettings,
@@ -20,13 +22,13 @@ use crate::{
 const PROTOCOL: &str = "OpenAI";
 
 pub struct OpenAiProvider {
-    client: reqwest::Client,
+    client: http::Client,
     base_url: String,
     api_key: Option<String>,
-    auth_header: Option<reqwest::header::HeaderName>,
+    auth_header: Option<HeaderName>,
     supports_stream_usage: bool,
     /// `(path, base_url + path)` for the endpoints every request uses, parsed once.
-    urls: Vec<(&'static str, reqwest::Url)>,
+    urls: Vec<(&'static str, Uri)>,
 }
 
 impl OpenAiProvider {
@@ -36,7 +38,7 @@ impl OpenAiProvider {
             .auth_header
             .as_deref()
             .map(|name| {
-                reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
+                HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
                     ProviderError::new(ErrorKind::InvalidRequest, "invalid auth header name").with_source(e)
                 })
             })
@@ -44,10 +46,10 @@ impl OpenAiProvider {
         let base_url = settings.base_url.trim_end_matches('/').to_owned();
         let urls = ["/chat/completions", "/completions", "/embeddings"]
             .into_iter()
-            .filter_map(|path| reqwest::Url::parse(&format!("{base_url}{path}")).ok().map(|url| (path, url)))
+            .filter_map(|path| http::parse_uri(&format!("{base_url}{path}")).ok().map(|uri| (path, uri)))
             .collect();
         Ok(OpenAiProvider {
-            client: http::client(&settings)?,
+            client: http::Client::new(&settings)?,
             base_url,
             urls,
             api_key: settings.api_key,
@@ -56,29 +58,29 @@ impl OpenAiProvider {
         })
     }
 
-    fn post(&self, path: &str, api_key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
+    fn post(&self, path: &str, api_key: Option<&str>) -> Result<Outgoing<'_>, ProviderError> {
         // The three URLs are parsed once, at start; anything else is parsed per call.
         let builder = match self.urls.iter().find(|(p, _)| *p == path) {
-            Some((_, url)) => self.client.post(url.clone()),
-            None => self.client.post(format!("{}{path}", self.base_url)),
+            Some((_, uri)) => self.client.request(Method::POST, uri.clone()),
+            None => self.client.request_url(Method::POST, &format!("{}{path}", self.base_url))?,
         };
         self.authorize(builder, api_key)
     }
 
     /// Adds the key (the call's own, else the configured one) in the configured header.
-    fn authorize(&self, builder: reqwest::RequestBuilder, api_key: Option<&str>) -> Result<reqwest::RequestBuilder, ProviderError> {
+    fn authorize<'c>(&self, builder: Outgoing<'c>, api_key: Option<&str>) -> Result<Outgoing<'c>, ProviderError> {
         let Some(key) = api_key.or(self.api_key.as_deref()) else {
             return Ok(builder);
         };
         Ok(match &self.auth_header {
             Some(name) => builder.header(name.clone(), http::secret_header(key)?),
-            None => builder.header(reqwest::header::AUTHORIZATION, http::secret_header(&format!("Bearer {key}"))?),
+            None => builder.header(AUTHORIZATION, http::secret_header(&format!("Bearer {key}"))?),
         })
     }
 
     /// `method {base_url}{path}` with the configured key (the batch API's calls).
-    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
-        self.authorize(self.client.request(method, format!("{}{path}", self.base_url)), None)
+    pub(crate) fn request(&self, method: Method, path: &str) -> Result<Outgoing<'_>, ProviderError> {
+        self.authorize(self.client.request_url(method, &format!("{}{path}", self.base_url))?, None)
     }
 
     async fn send<T: Serialize, R: DeserializeOwned>(
@@ -96,7 +98,7 @@ impl OpenAiProvider {
         path: &str,
         call: Call<'_, T>,
         client_options: Option<&StreamOptions>,
-    ) -> Result<reqwest::Response, ProviderError> {
+    ) -> Result<Reply, ProviderError> {
         let options = self.stream_options(client_options);
         let body = Outbound {
             model: call.upstream_model,
@@ -104,7 +106,7 @@ impl OpenAiProvider {
             stream_options: options.as_ref(),
             body: call.request,
         };
-        http::post_json(self.post(path, call.api_key)?.header("accept", "text/event-stream"), &body).await
+        http::post_json(self.post(path, call.api_key)?.header(ACCEPT, HeaderValue::from_static("text/event-stream")), &body).await
     }
 
     /// The client's stream options with `include_usage` switched on where the upstream supports
@@ -131,14 +133,15 @@ fn decode_event<T: DeserializeOwned>(event: Event) -> Step<T> {
     if data.starts_with("{\"error\"") || event.event == "error" {
         return Step::Fail(http::in_band_error(data));
     }
+    // One typed parse per event. Only an event that mentions `"error"` (as a key, or as a
+    // string value) or that the typed parse refuses is looked at again as a JSON value.
+    let typed = serde_json::from_str::<T>(data);
+    if typed.is_ok() && !data.contains("\"error\"") {
+        return typed.map_or_else(|e| Step::Fail(ProviderError::malformed(PROTOCOL, e)), |c| Step::Items(vec![c]));
+    }
     match serde_json::from_str::<serde_json::Value>(data) {
-        Ok(value) if value.get("error").is_some_and(|e| !e.is_null()) => {
-            Step::Fail(http::in_band_error(data))
-        }
-        Ok(value) => match serde_json::from_value(value) {
-            Ok(chunk) => Step::Items(vec![chunk]),
-            Err(e) => Step::Fail(ProviderError::malformed(PROTOCOL, e)),
-        },
+        Ok(value) if value.get("error").is_some_and(|e| !e.is_null()) => Step::Fail(http::in_band_error(data)),
+        Ok(_) => typed.map_or_else(|e| Step::Fail(ProviderError::malformed(PROTOCOL, e)), |c| Step::Items(vec![c])),
         Err(e) => Step::Fail(ProviderError::malformed(PROTOCOL, e)),
     }
 }
@@ -148,7 +151,7 @@ fn decode_event<T: DeserializeOwned>(event: Event) -> Step<T> {
 /// body that was not SSE at all, or a cut between events) is a `StreamInterrupted` error, not
 /// a quiet, empty success; a close after the finish is accepted (some servers omit `[DONE]`).
 fn decode_stream<T: DeserializeOwned + Send + 'static>(
-    response: reqwest::Response,
+    response: Reply,
     finished: fn(&T) -> bool,
 ) -> impl Stream<Item = Result<T, ProviderError>> + Send + 'static {
     let events = http::sse_events(response).boxed();

@@ -7,7 +7,7 @@
 //! `POST {base_url}/batches/{id}/cancel` cancels one.
 
 use marga_protocol::openai::{ChatCompletionResponse, Outbound};
-use reqwest::Method;
+use ::http::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -80,8 +80,10 @@ impl OpenAiProvider {
 
     async fn submit_file(&self, requests: &[BatchRequest], upstream_model: &str) -> Result<String, ProviderError> {
         let (content_type, body) = multipart(&input_file(requests, upstream_model)?);
-        let upload = self.request(Method::POST, "/files")?.header(reqwest::header::CONTENT_TYPE, content_type).body(body);
-        let file: Created = http::read_json(http::send_checked(upload).await?, PROTOCOL).await?;
+        let content_type = ::http::HeaderValue::try_from(content_type)
+            .map_err(|e| ProviderError::new(ErrorKind::InvalidRequest, "invalid multipart boundary").with_source(e))?;
+        let upload = self.request(Method::POST, "/files")?.header(::http::header::CONTENT_TYPE, content_type);
+        let file: Created = http::read_json(upload.send(body).await?, PROTOCOL).await?;
         let create = json!({"input_file_id": file.id, "endpoint": ENDPOINT, "completion_window": "24h"});
         let batch: Created = http::read_json(http::post_json(self.request(Method::POST, "/batches")?, &create).await?, PROTOCOL).await?;
         Ok(batch.id)
