@@ -17,8 +17,8 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 use marga_protocol::openai::{
     ChatCompletionChunk, CompletionResponse, ErrorBody, ErrorEnvelope, Extra, FinishReason, Usage,
@@ -164,6 +164,9 @@ struct Relay<C> {
     total_timeout: Duration,
     estimate_prompt: Box<dyn Fn() -> u64 + Send>,
     finished: bool,
+    /// What the upstream gave when it was polled only to see whether more was ready (an error
+    /// or its end), handled by the next [`Relay::next_frame`].
+    lookahead: Option<Option<Result<C, ProviderError>>>,
 }
 
 /// Parameters of [`relay`].
@@ -209,13 +212,14 @@ pub fn relay<C: StreamChunk>(params: RelayParams<C>) -> impl Stream<Item = Resul
         total_timeout: params.total_timeout,
         estimate_prompt: params.estimate_prompt,
         finished: false,
+        lookahead: None,
     };
     for chunk in params.opened.head {
         relay.accept(chunk);
     }
     futures::stream::unfold(relay, |mut relay| async move {
         let frame = relay.next_frame().await?;
-        Some((Ok(frame), relay))
+        Some((Ok(relay.with_ready_frames(frame)), relay))
     })
 }
 
@@ -242,6 +246,29 @@ impl<C: StreamChunk> Relay<C> {
         }
     }
 
+    /// `first` followed by the frames of every chunk the upstream has ready now, in one piece:
+    /// one write to the client instead of one per event when events arrive together. It never
+    /// waits: what is not ready yet goes in a later piece.
+    fn with_ready_frames(&mut self, first: Bytes) -> Bytes {
+        let mut batch: Option<BytesMut> = None;
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                let frame = self.encode(frame);
+                batch.get_or_insert_with(|| BytesMut::from(&first[..])).extend_from_slice(&frame);
+                continue;
+            }
+            if self.finished || self.lookahead.is_some() {
+                break;
+            }
+            match self.upstream.next().now_or_never() {
+                Some(Some(Ok(chunk))) => self.accept(chunk),
+                Some(other) => self.lookahead = Some(other),
+                None => break,
+            }
+        }
+        batch.map_or(first, BytesMut::freeze)
+    }
+
     async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
             if let Some(frame) = self.pending.pop_front() {
@@ -254,7 +281,11 @@ impl<C: StreamChunk> Relay<C> {
             if left.is_zero() {
                 return Some(self.fail(Cut::TotalTimeout).await);
             }
-            let next = match tokio::time::timeout(self.idle_timeout.min(left), self.upstream.next()).await {
+            let next = match self.lookahead.take() {
+                Some(next) => Ok(next),
+                None => tokio::time::timeout(self.idle_timeout.min(left), self.upstream.next()).await,
+            };
+            let next = match next {
                 Ok(next) => next,
                 Err(_) if left < self.idle_timeout => return Some(self.fail(Cut::TotalTimeout).await),
                 Err(_) => {
