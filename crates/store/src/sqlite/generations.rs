@@ -54,15 +54,29 @@ impl GenerationRepo for SqliteStore {
                 return Ok(());
             }
             let mut tx = self.begin_write().await?;
-            let mut inserted = HashSet::with_capacity(records.len());
+            // Which of these ids exist already (a replayed spill file): normally none, so one
+            // statement that returns no row. `RETURNING` on the insert would stream every
+            // inserted row back through sqlx's worker channel, one hand-off per row.
+            let mut existing = HashSet::new();
+            for batch in records.chunks(ROWS_PER_INSERT) {
+                let mut query = QueryBuilder::<Sqlite>::new("SELECT id FROM generations WHERE id IN (");
+                let mut ids = query.separated(", ");
+                for r in batch {
+                    ids.push_bind(&r.id);
+                }
+                query.push(")");
+                let rows: Vec<(String,)> = query.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
+                existing.extend(rows.into_iter().map(|(id,)| id));
+            }
             for batch in records.chunks(ROWS_PER_INSERT) {
                 let mut builder =
                     QueryBuilder::<Sqlite>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
                 push_generation_values(&mut builder, batch);
-                builder.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-                let ids: Vec<(String,)> = builder.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
-                inserted.extend(ids.into_iter().map(|(id,)| id));
+                builder.push(" ON CONFLICT (id) DO NOTHING");
+                builder.build().persistent(false).execute(&mut *tx).await?;
             }
+            let inserted: HashSet<String> =
+                records.iter().filter(|r| !existing.contains(&r.id)).map(|r| r.id.clone()).collect();
             super::usage::add_to_rollups(&mut tx, records, &inserted).await?;
             tx.commit().await?;
             Ok(())
