@@ -17,6 +17,7 @@
 //! SQL here is written once with `?` placeholders; Postgres gets them renumbered (`$1`, …) by
 //! [`numbered`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
 use crate::{BoxFuture, GenerationRecord, StoreError};
@@ -250,32 +251,30 @@ pub(crate) struct RollupDeltas {
 }
 
 #[derive(serde::Deserialize)]
-struct AttemptOutcome {
-    provider: String,
-    outcome: String,
+struct AttemptOutcome<'a> {
+    #[serde(borrow)]
+    provider: Cow<'a, str>,
+    #[serde(borrow)]
+    outcome: Cow<'a, str>,
 }
 
 /// Sums the records that `inserted` names (those the insert added) into rollup deltas, one
-/// per key, sorted (so that concurrent writers lock rows in one order).
+/// per key, sorted (so that concurrent writers lock rows in one order). Keys borrow from the
+/// records while summing: one owned copy per distinct key, not per record.
 pub(crate) fn rollup_deltas(records: &[GenerationRecord], inserted: &HashSet<String>) -> RollupDeltas {
-    type UsageKey = (String, i64, String, String, String);
-    let mut usage: BTreeMap<UsageKey, UsageRow> = BTreeMap::new();
-    let mut routes: BTreeMap<(String, String, i64), [i64; 9]> = BTreeMap::new();
+    type UsageKey<'a> = (&'a str, i64, &'a str, &'a str, &'a str);
+    let mut usage: BTreeMap<UsageKey<'_>, UsageRow> = BTreeMap::new();
+    let mut routes: BTreeMap<(&str, Cow<'_, str>, i64), [i64; 9]> = BTreeMap::new();
     for r in records.iter().filter(|r| inserted.contains(&r.id)) {
-        let key = (
-            r.org_id.clone().unwrap_or_default(),
-            r.local_day,
-            r.key_id.clone().unwrap_or_default(),
-            r.model.clone(),
-            r.provider.clone().unwrap_or_default(),
-        );
+        let provider = r.provider.as_deref().unwrap_or_default();
+        let key = (r.org_id.as_deref().unwrap_or_default(), r.local_day, r.key_id.as_deref().unwrap_or_default(), r.model.as_str(), provider);
         add_record(usage.entry(key).or_default(), r);
         let day = r.created_at_ms.div_euclid(DAY_MS);
-        let served = routes.entry((r.model.clone(), r.provider.clone().unwrap_or_default(), day)).or_default();
+        let served = routes.entry((r.model.as_str(), Cow::Borrowed(provider), day)).or_default();
         add_served(served, r);
-        let attempts: Vec<AttemptOutcome> = serde_json::from_str(&r.attempts).unwrap_or_default();
+        let attempts: Vec<AttemptOutcome<'_>> = serde_json::from_str(&r.attempts).unwrap_or_default();
         for a in attempts {
-            let counts = routes.entry((r.model.clone(), a.provider, day)).or_default();
+            let counts = routes.entry((r.model.as_str(), a.provider, day)).or_default();
             counts[0] += 1;
             counts[1] += i64::from(a.outcome != "success");
         }
@@ -283,9 +282,24 @@ pub(crate) fn rollup_deltas(records: &[GenerationRecord], inserted: &HashSet<Str
     RollupDeltas {
         usage: usage
             .into_iter()
-            .map(|((org_id, day, key_id, model, provider), row)| UsageRow { org_id, day, key_id, model, provider, ..row })
+            .map(|((org_id, day, key_id, model, provider), row)| UsageRow {
+                org_id: org_id.to_owned(),
+                day,
+                key_id: key_id.to_owned(),
+                model: model.to_owned(),
+                provider: provider.to_owned(),
+                ..row
+            })
             .collect(),
-        routes: routes.into_iter().map(|((model, provider, day), counts)| RouteDelta { model, provider, day, counts }).collect(),
+        routes: routes
+            .into_iter()
+            .map(|((model, provider, day), counts)| RouteDelta {
+                model: model.to_owned(),
+                provider: provider.into_owned(),
+                day,
+                counts,
+            })
+            .collect(),
     }
 }
 
