@@ -57,53 +57,57 @@ pub struct AppState {
     pub secrets: Arc<crate::secrets::Secrets>,
 }
 
-fn api_routes() -> Router<AppState> {
-    Router::new()
-        .route("/chat/completions", post(chat::chat_completions))
-        .route("/completions", post(chat::completions))
-        .route("/embeddings", post(embeddings::embeddings))
-        .route("/files", get(files::list).post(files::upload))
-        .route("/files/{id}", get(files::get).delete(files::delete))
-        .route("/files/{id}/content", get(files::content))
-        .route("/batches", get(batches::list).post(batches::create))
-        .route("/batches/{id}", get(batches::get))
-        .route("/batches/{id}/cancel", post(batches::cancel))
-        .route("/batches/{id}/results", get(batches::results))
-        .route("/batches/{id}/artifact-url", get(batches::artifact_url))
-        .route("/batches/{id}/artifact", get(batches::artifact))
-        .route("/quotes/model", post(batches::quote))
-        .route("/models", get(models::list))
-        .route("/models/{*id}", get(models::get))
-        .route("/route/explain", post(routing::explain))
-        .route("/providers", get(routing::providers))
-        .route("/keys", get(keys::list).post(keys::create))
-        .route("/keys/{hash}", get(keys::get).patch(keys::update).delete(keys::delete))
-        .route("/key", get(keys::current))
-        .route("/credits", get(keys::credits))
-        .route("/generation", get(usage::generation))
-        .route("/activity", get(usage::openrouter_activity))
-        .route("/rankings", get(stats::rankings))
-        .route("/guardrails", get(guardrails::list).post(guardrails::create))
-        .route("/guardrails/{id}", get(guardrails::get).patch(guardrails::update).delete(guardrails::delete))
-        .route("/guardrails/assignments/keys", get(assignments::all_key_assignments))
-        .route("/guardrails/assignments/members", get(assignments::all_member_assignments))
-        .route("/guardrails/{id}/keys", post(assignments::assign_keys))
-        .route("/guardrails/{id}/keys/remove", post(assignments::unassign_keys))
-        .route("/guardrails/{id}/members", post(assignments::assign_members))
-        .route("/guardrails/{id}/members/remove", post(assignments::unassign_members))
+/// The OpenAI-compatible API under `prefix` (`/v1` and `/api/v1`). Routes are registered
+/// with their full paths rather than nested: a nested router rebuilds the request's URI on
+/// every request to strip its prefix.
+fn api_routes(router: Router<AppState>, prefix: &str) -> Router<AppState> {
+    let at = |path: &str| format!("{prefix}{path}");
+    router
+        .route(&at("/chat/completions"), post(chat::chat_completions))
+        .route(&at("/completions"), post(chat::completions))
+        .route(&at("/embeddings"), post(embeddings::embeddings))
+        .route(&at("/files"), get(files::list).post(files::upload))
+        .route(&at("/files/{id}"), get(files::get).delete(files::delete))
+        .route(&at("/files/{id}/content"), get(files::content))
+        .route(&at("/batches"), get(batches::list).post(batches::create))
+        .route(&at("/batches/{id}"), get(batches::get))
+        .route(&at("/batches/{id}/cancel"), post(batches::cancel))
+        .route(&at("/batches/{id}/results"), get(batches::results))
+        .route(&at("/batches/{id}/artifact-url"), get(batches::artifact_url))
+        .route(&at("/batches/{id}/artifact"), get(batches::artifact))
+        .route(&at("/quotes/model"), post(batches::quote))
+        .route(&at("/models"), get(models::list))
+        .route(&at("/models/{*id}"), get(models::get))
+        .route(&at("/route/explain"), post(routing::explain))
+        .route(&at("/providers"), get(routing::providers))
+        .route(&at("/keys"), get(keys::list).post(keys::create))
+        .route(&at("/keys/{hash}"), get(keys::get).patch(keys::update).delete(keys::delete))
+        .route(&at("/key"), get(keys::current))
+        .route(&at("/credits"), get(keys::credits))
+        .route(&at("/generation"), get(usage::generation))
+        .route(&at("/activity"), get(usage::openrouter_activity))
+        .route(&at("/rankings"), get(stats::rankings))
+        .route(&at("/guardrails"), get(guardrails::list).post(guardrails::create))
+        .route(&at("/guardrails/{id}"), get(guardrails::get).patch(guardrails::update).delete(guardrails::delete))
+        .route(&at("/guardrails/assignments/keys"), get(assignments::all_key_assignments))
+        .route(&at("/guardrails/assignments/members"), get(assignments::all_member_assignments))
+        .route(&at("/guardrails/{id}/keys"), post(assignments::assign_keys))
+        .route(&at("/guardrails/{id}/keys/remove"), post(assignments::unassign_keys))
+        .route(&at("/guardrails/{id}/members"), post(assignments::assign_members))
+        .route(&at("/guardrails/{id}/members/remove"), post(assignments::unassign_members))
         .route(
-            "/guardrails/{id}/assignments/keys",
+            &at("/guardrails/{id}/assignments/keys"),
             get(assignments::list_key_assignments).post(assignments::assign_keys),
         )
-        .route("/guardrails/{id}/assignments/keys/remove", post(assignments::unassign_keys))
+        .route(&at("/guardrails/{id}/assignments/keys/remove"), post(assignments::unassign_keys))
         .route(
-            "/guardrails/{id}/assignments/members",
+            &at("/guardrails/{id}/assignments/members"),
             get(assignments::list_member_assignments).post(assignments::assign_members),
         )
-        .route("/guardrails/{id}/assignments/members/remove", post(assignments::unassign_members))
-        .route("/auth/account", get(admin::account))
-        .route("/auth/account/api-keys", post(admin::create_account_key))
-        .route("/auth/account/delivery-webhook", axum::routing::put(batches::put_delivery_webhook))
+        .route(&at("/guardrails/{id}/assignments/members/remove"), post(assignments::unassign_members))
+        .route(&at("/auth/account"), get(admin::account))
+        .route(&at("/auth/account/api-keys"), post(admin::create_account_key))
+        .route(&at("/auth/account/delivery-webhook"), axum::routing::put(batches::put_delivery_webhook))
 }
 
 /// The operator's and the dashboard's endpoints (not under `/v1`).
@@ -128,9 +132,7 @@ fn management_routes() -> Router<AppState> {
 /// never a dropped connection), then axum's default body limit switched off in favour of the
 /// handlers' own bounded reads (which answer 413 in the OpenAI envelope).
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .nest("/v1", api_routes())
-        .nest("/api/v1", api_routes())
+    api_routes(api_routes(Router::new(), "/v1"), "/api/v1")
         .merge(management_routes())
         .route("/me/routing/{*model}", get(routing::get_chain).put(routing::put_chain).delete(routing::delete_chain))
         .route("/health", get(ops::health))
