@@ -17,36 +17,39 @@ use std::sync::Mutex;
 use marga_store::{Charge, LedgerEntry};
 use serde::{Deserialize, Serialize};
 
-/// One charge as the journal keeps it.
+/// One charge as the journal keeps it: written from borrowed fields (`Line<&str>`, no copy
+/// per charge), read back owned (`Line<String>`).
 #[derive(Serialize, Deserialize)]
-struct Line {
-    org_id: String,
+struct Line<S> {
+    org_id: S,
     amount_nanos: i64,
-    currency: String,
-    kind: String,
-    reference: String,
-    key_id: Option<String>,
-    workspace_id: Option<String>,
+    currency: S,
+    kind: S,
+    reference: S,
+    key_id: Option<S>,
+    workspace_id: Option<S>,
     created_at_ms: i64,
-    lease_id: Option<String>,
+    lease_id: Option<S>,
 }
 
-impl Line {
-    fn from_charge(c: &Charge) -> Line {
+impl<'a> Line<&'a str> {
+    fn of(c: &'a Charge) -> Self {
         let e = &c.entry;
         Line {
-            org_id: e.org_id.clone(),
+            org_id: &e.org_id,
             amount_nanos: e.amount_nanos,
-            currency: e.currency.clone(),
-            kind: e.kind.clone(),
-            reference: e.reference.clone(),
-            key_id: e.key_id.clone(),
-            workspace_id: e.workspace_id.clone(),
+            currency: &e.currency,
+            kind: &e.kind,
+            reference: &e.reference,
+            key_id: e.key_id.as_deref(),
+            workspace_id: e.workspace_id.as_deref(),
             created_at_ms: e.created_at_ms,
-            lease_id: c.lease_id.clone(),
+            lease_id: c.lease_id.as_deref(),
         }
     }
+}
 
+impl Line<String> {
     fn into_charge(self) -> Charge {
         Charge {
             entry: LedgerEntry {
@@ -95,7 +98,7 @@ impl Journal {
 
     /// Writes one charge to the journal (one `write` call, no `fsync`).
     pub fn append(&self, charge: &Charge) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(&Line::from_charge(charge)).map_err(std::io::Error::other)?;
+        let mut line = serde_json::to_vec(&Line::of(charge)).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut state = self.lock();
         state.file.write_all(&line)?;
@@ -124,7 +127,7 @@ fn read_lines(file: File) -> Vec<Charge> {
     BufReader::new(file)
         .lines()
         .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<Line>(&l).ok())
+        .filter_map(|l| serde_json::from_str::<Line<String>>(&l).ok())
         .map(Line::into_charge)
         .collect()
 }
