@@ -548,6 +548,10 @@ class Bench:
             sock.recv(65536)
         time.sleep(3)
         self.record({"kind": "memory", "what": "after_cancel", "rss_kb": status_kb(pid, "VmRSS")})
+        # The tokenizer is dropped after 10 s without a count (crates/gateway/src/tokens.rs)
+        # and its memory returned about a second later.
+        time.sleep(11)
+        self.record({"kind": "memory", "what": "after_tokenizer_idle", "after_s": 14, "rss_kb": status_kb(pid, "VmRSS")})
         url, _, auth, _ = self.target("marga", "stream", "mockslow")
         cmd = taskset(a.loadgen_cpus) + [sys.executable, str(HERE / "stream_client.py"), "hold",
                                          "--url", url, "--auth", auth, "--model", "bench/slow",
