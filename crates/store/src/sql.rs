@@ -1,15 +1,63 @@
 //! What the SQLite and Postgres implementations share: column lists (identical in both
-//! schemas) and the dialect-free parts of the ledger logic.
+//! schemas), the request-log insert's values, and the dialect-free parts of the ledger logic.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::Charge;
+use sqlx::{Database, Encode, QueryBuilder, Type};
+
+use crate::{Charge, GenerationRecord};
 
 pub(crate) const GENERATION_COLUMNS: &str = "id, created_at_ms, org_id, key_id, endpoint, model, provider, upstream_model, \
     streamed, status, http_status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, \
     usage_estimated, cost, currency, latency_ms, ttft_ms, finish_reason, attempts, error, user_agent, referer, end_user, \
     cost_nanos, generation_time_ms, cancelled, byok, local_day";
+
+/// The `VALUES (…), (…)` of a request-log insert, in [`GENERATION_COLUMNS`] order, binding
+/// the records' fields by reference. The same for both databases.
+pub(crate) fn push_generation_values<'a, DB>(builder: &mut QueryBuilder<'a, DB>, records: &'a [GenerationRecord])
+where
+    DB: Database,
+    String: Encode<'a, DB> + Type<DB>,
+    Option<String>: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+    Option<i64>: Encode<'a, DB> + Type<DB>,
+    bool: Encode<'a, DB> + Type<DB>,
+{
+    builder.push_values(records, |mut row, r| {
+        row.push_bind(&r.id)
+            .push_bind(r.created_at_ms)
+            .push_bind(&r.org_id)
+            .push_bind(&r.key_id)
+            .push_bind(&r.endpoint)
+            .push_bind(&r.model)
+            .push_bind(&r.provider)
+            .push_bind(&r.upstream_model)
+            .push_bind(r.streamed)
+            .push_bind(&r.status)
+            .push_bind(r.http_status)
+            .push_bind(r.prompt_tokens)
+            .push_bind(r.completion_tokens)
+            .push_bind(r.cached_tokens)
+            .push_bind(r.reasoning_tokens)
+            .push_bind(r.usage_estimated)
+            .push_bind(&r.cost)
+            .push_bind(&r.currency)
+            .push_bind(r.latency_ms)
+            .push_bind(r.ttft_ms)
+            .push_bind(&r.finish_reason)
+            .push_bind(&r.attempts)
+            .push_bind(&r.error)
+            .push_bind(&r.user_agent)
+            .push_bind(&r.referer)
+            .push_bind(&r.end_user)
+            .push_bind(r.cost_nanos)
+            .push_bind(r.generation_time_ms)
+            .push_bind(r.cancelled)
+            .push_bind(r.byok)
+            .push_bind(r.local_day);
+    });
+}
 
 pub(crate) const ORG_COLUMNS: &str = "id, name, currency, timezone, created_at_ms";
 

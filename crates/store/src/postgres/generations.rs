@@ -5,47 +5,12 @@ use std::collections::HashSet;
 use sqlx::{Postgres, QueryBuilder};
 
 use super::PgStore;
-use crate::sql::GENERATION_COLUMNS;
+use crate::sql::{push_generation_values, GENERATION_COLUMNS};
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
 /// Rows per INSERT statement (Postgres allows 65535 bound parameters; 31 columns per row).
 const ROWS_PER_INSERT: usize = 500;
 
-fn push_generation_values<'a>(builder: &mut QueryBuilder<'a, Postgres>, records: &'a [GenerationRecord]) {
-    builder.push_values(records, |mut row, r| {
-        row.push_bind(&r.id)
-            .push_bind(r.created_at_ms)
-            .push_bind(&r.org_id)
-            .push_bind(&r.key_id)
-            .push_bind(&r.endpoint)
-            .push_bind(&r.model)
-            .push_bind(&r.provider)
-            .push_bind(&r.upstream_model)
-            .push_bind(r.streamed)
-            .push_bind(&r.status)
-            .push_bind(r.http_status)
-            .push_bind(r.prompt_tokens)
-            .push_bind(r.completion_tokens)
-            .push_bind(r.cached_tokens)
-            .push_bind(r.reasoning_tokens)
-            .push_bind(r.usage_estimated)
-            .push_bind(&r.cost)
-            .push_bind(&r.currency)
-            .push_bind(r.latency_ms)
-            .push_bind(r.ttft_ms)
-            .push_bind(&r.finish_reason)
-            .push_bind(&r.attempts)
-            .push_bind(&r.error)
-            .push_bind(&r.user_agent)
-            .push_bind(&r.referer)
-            .push_bind(&r.end_user)
-            .push_bind(r.cost_nanos)
-            .push_bind(r.generation_time_ms)
-            .push_bind(r.cancelled)
-            .push_bind(r.byok)
-            .push_bind(r.local_day);
-    });
-}
 
 impl GenerationRepo for PgStore {
     fn insert_generations<'a>(&'a self, records: &'a [GenerationRecord]) -> BoxFuture<'a, Result<(), StoreError>> {
