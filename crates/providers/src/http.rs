@@ -31,7 +31,8 @@ const MAX_ERROR_MESSAGE: usize = 500;
 
 type Pool = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// An upstream's answer whose status was 2xx; its body is read as it arrives.
+/// An upstream's response, its body read as it arrives. The helpers below hand callers only
+/// 2xx ones; other statuses become a [`ProviderError`].
 pub(crate) type Reply = http::Response<Incoming>;
 
 /// A pooled HTTP client for one upstream, with the headers every request to it carries.
