@@ -1,14 +1,14 @@
-//! [`App`]: builds every component from a [`Config`], binds the listener, and runs until a
-//! shutdown signal, then drains in-flight requests and flushes the request log.
+//! [`App`]: builds every component from a [`Config`], binds the listeners, and runs until a
+//! shutdown signal, then drains in-flight requests and flushes the request log and the ledger.
+//! Requests are served by the threads of [`crate::serving`]; the writers and other background
+//! tasks run on the runtime that calls [`App::run_until_stopped`].
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use marga_store::Repos;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::accounts::Accounts;
@@ -24,10 +24,11 @@ use crate::registry::Registry;
 use crate::request_log::RequestLog;
 use crate::routing::chains::SavedChains;
 use crate::routing::Routing;
+use crate::serving::{Listeners, Serving};
 
 /// A gateway, bound and ready to serve.
 pub struct App {
-    listener: TcpListener,
+    listeners: Listeners,
     router: axum::Router,
     log_writer: JoinHandle<()>,
     ledger_writer: JoinHandle<()>,
@@ -129,14 +130,13 @@ impl App {
         if config.batch.worker {
             background.extend(crate::batch::worker::Worker::spawn(state.clone()));
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let listeners = Listeners::bind(config.listen, config.server.serving_threads())
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        Ok(App { listener, router: router(state), log_writer, ledger_writer, background, master_key, store })
+        Ok(App { listeners, router: router(state), log_writer, ledger_writer, background, master_key, store })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.listeners.local_addr()
     }
 
     pub fn port(&self) -> u16 {
@@ -156,14 +156,9 @@ impl App {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
     /// and flushes the request log and the ledger before returning.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let App { listener, router, log_writer, ledger_writer, background, .. } = self;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(listener, service).with_graceful_shutdown(shutdown).await?;
+        let App { listeners, router, log_writer, ledger_writer, background, .. } = self;
+        let mut serving = Serving::start(listeners, router)?;
+        let served = serving.drain(shutdown).await;
         for task in background {
             task.abort();
         }
@@ -174,6 +169,7 @@ impl App {
                 Err(_) => tracing::error!("{name} writer did not finish within 10 s"),
             }
         }
-        Ok(())
+        serving.end().await;
+        served
     }
 }

@@ -20,5 +20,6 @@ pub mod registry;
 pub mod request_log;
 pub mod routing;
 pub mod secrets;
+pub mod serving;
 pub mod telemetry;
 pub mod tokens;

@@ -397,9 +397,6 @@ pub(crate) fn routes_upsert_binds(rows: &[RouteDelta]) -> Vec<Bind> {
     binds
 }
 
-/// Rollup rows per upsert statement (at most 15 values each: well within both databases' limits).
-pub(crate) const ROLLUP_ROWS_PER_UPSERT: usize = 500;
-
 #[cfg(test)]
 mod tests {
     use super::*;

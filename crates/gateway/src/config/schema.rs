@@ -57,11 +57,24 @@ pub struct ServerSettings {
     pub log_flush_ms: u64,
     /// Older spelling of `[log] queue` (used when that is absent).
     pub log_queue: usize,
+    /// Serving threads, each with a runtime and a listening socket of its own; 0 = one per
+    /// CPU core.
+    pub threads: usize,
+}
+
+impl ServerSettings {
+    /// How many serving threads to start: `threads`, or one per core when it is 0.
+    pub fn serving_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        ServerSettings { max_body_bytes: 8 * 1024 * 1024, log_flush_ms: 200, log_queue: 65_536 }
+        ServerSettings { max_body_bytes: 8 * 1024 * 1024, log_flush_ms: 200, log_queue: 65_536, threads: 0 }
     }
 }
 

@@ -103,6 +103,35 @@ async fn a_generated_master_key_works_and_is_stored_only_as_a_hash() {
 }
 
 #[tokio::test]
+async fn a_second_gateway_on_a_port_in_use_is_refused() {
+    use marga_gateway::app::{App, StartError};
+    use marga_gateway::config::{Config, Overrides};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = |listen: std::net::SocketAddr, data: &str| {
+        let overrides = Overrides {
+            listen: Some(listen),
+            data_dir: Some(dir.path().join(data)),
+            config_file: None,
+            database_url: None,
+        };
+        let key = |name: &str| (name == "MARGA_SECRETS_KEY").then(|| crate::helpers::TEST_SECRETS_KEY.to_owned());
+        Config::load_with_env(overrides, &key).unwrap()
+    };
+    let first = App::build(config("127.0.0.1:0".parse().unwrap(), "first"), None).await.unwrap();
+    // Another gateway (whose serving sockets set SO_REUSEPORT) must not join the first one's.
+    match App::build(config(first.local_addr(), "second"), None).await {
+        Err(StartError::Bind { source, .. }) => assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse),
+        Err(other) => panic!("expected a bind error, got {other}"),
+        Ok(_) => panic!("a second gateway started on a port in use"),
+    }
+    // Nor share another program's port.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = App::build(config(other.local_addr().unwrap(), "third"), None).await;
+    assert!(matches!(refused, Err(StartError::Bind { .. })));
+}
+
+#[tokio::test]
 async fn a_restart_on_the_same_data_dir_keeps_the_generated_key() {
     use marga_gateway::app::App;
     use marga_gateway::config::{Config, Overrides};

@@ -5,11 +5,8 @@ use std::collections::HashSet;
 use sqlx::{Postgres, QueryBuilder};
 
 use super::PgStore;
-use crate::sql::{push_generation_values, GENERATION_COLUMNS};
+use crate::sql::{fixed_chunks, push_generation_values, GENERATION_COLUMNS};
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
-
-/// Rows per INSERT statement (Postgres allows 65535 bound parameters; 31 columns per row).
-const ROWS_PER_INSERT: usize = 500;
 
 
 impl GenerationRepo for PgStore {
@@ -20,12 +17,12 @@ impl GenerationRepo for PgStore {
             }
             let mut tx = self.pool.begin().await?;
             let mut inserted = HashSet::with_capacity(records.len());
-            for batch in records.chunks(ROWS_PER_INSERT) {
+            for batch in fixed_chunks(records) {
                 let mut builder =
                     QueryBuilder::<Postgres>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
                 push_generation_values(&mut builder, batch);
                 builder.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-                let ids: Vec<(String,)> = builder.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
+                let ids: Vec<(String,)> = builder.build_query_as().fetch_all(&mut *tx).await?;
                 inserted.extend(ids.into_iter().map(|(id,)| id));
             }
             super::usage::add_to_rollups(&mut tx, records, &inserted).await?;

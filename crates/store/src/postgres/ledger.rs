@@ -15,7 +15,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::PgStore;
 use crate::sql::{
-    add_lease_usage, available, LineKey, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS, LEDGER_ROWS_PER_INSERT,
+    add_lease_usage, available, fixed_chunks, LineKey, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -59,8 +59,8 @@ impl LedgerRepo for PgStore {
             }
             let mut tx = self.pool.begin().await?;
             let mut inserted = 0;
-            for chunk in entries.chunks(LEDGER_ROWS_PER_INSERT) {
-                inserted += ledger_insert(chunk).build().persistent(false).execute(&mut *tx).await?.rows_affected();
+            for chunk in fixed_chunks(entries) {
+                inserted += ledger_insert(chunk).build().execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
             Ok(inserted)
@@ -75,7 +75,7 @@ impl LedgerRepo for PgStore {
             let mut tx = self.pool.begin().await?;
             let mut inserted = 0;
             let mut usage = BTreeMap::new();
-            for chunk in charges.chunks(LEDGER_ROWS_PER_INSERT) {
+            for chunk in fixed_chunks(charges) {
                 let mut builder = ledger_insert(chunk.iter().map(|c| &c.entry));
                 builder.push(" RETURNING org_id, kind, reference");
                 let rows: Vec<LineKey> = builder.build_query_as().fetch_all(&mut *tx).await?;

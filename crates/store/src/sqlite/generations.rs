@@ -5,11 +5,8 @@ use std::collections::HashSet;
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::SqliteStore;
-use crate::sql::{push_generation_values, GENERATION_COLUMNS};
+use crate::sql::{fixed_chunks, push_generation_values, GENERATION_COLUMNS};
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
-
-/// Rows per INSERT statement (SQLite allows 32766 bound parameters; 31 columns per row).
-const ROWS_PER_INSERT: usize = 500;
 
 
 impl GenerationRepo for SqliteStore {
@@ -23,22 +20,22 @@ impl GenerationRepo for SqliteStore {
             // statement that returns no row. `RETURNING` on the insert would stream every
             // inserted row back through sqlx's worker channel, one hand-off per row.
             let mut existing = HashSet::new();
-            for batch in records.chunks(ROWS_PER_INSERT) {
+            for batch in fixed_chunks(records) {
                 let mut query = QueryBuilder::<Sqlite>::new("SELECT id FROM generations WHERE id IN (");
                 let mut ids = query.separated(", ");
                 for r in batch {
                     ids.push_bind(&r.id);
                 }
                 query.push(")");
-                let rows: Vec<(String,)> = query.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
+                let rows: Vec<(String,)> = query.build_query_as().fetch_all(&mut *tx).await?;
                 existing.extend(rows.into_iter().map(|(id,)| id));
             }
-            for batch in records.chunks(ROWS_PER_INSERT) {
+            for batch in fixed_chunks(records) {
                 let mut builder =
                     QueryBuilder::<Sqlite>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
                 push_generation_values(&mut builder, batch);
                 builder.push(" ON CONFLICT (id) DO NOTHING");
-                builder.build().persistent(false).execute(&mut *tx).await?;
+                builder.build().execute(&mut *tx).await?;
             }
             let inserted: HashSet<String> =
                 records.iter().filter(|r| !existing.contains(&r.id)).map(|r| r.id.clone()).collect();

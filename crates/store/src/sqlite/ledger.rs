@@ -10,7 +10,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::SqliteStore;
 use crate::sql::{
-    add_lease_usage, available, LineKey, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS, LEDGER_ROWS_PER_INSERT,
+    add_lease_usage, available, fixed_chunks, LineKey, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -54,7 +54,7 @@ async fn balance_and_reserved(
 /// The keys of those `charges` whose ledger line is already recorded.
 async fn existing_lines(conn: &mut SqliteConnection, charges: &[Charge]) -> Result<HashSet<LineKey>, StoreError> {
     let mut existing = HashSet::new();
-    for chunk in charges.chunks(LEDGER_ROWS_PER_INSERT) {
+    for chunk in fixed_chunks(charges) {
         let mut query = QueryBuilder::<Sqlite>::new("SELECT l.org_id, l.kind, l.reference FROM (");
         query.push_values(chunk, |mut row, charge| {
             row.push_bind(&charge.entry.org_id).push_bind(&charge.entry.kind).push_bind(&charge.entry.reference);
@@ -65,7 +65,7 @@ async fn existing_lines(conn: &mut SqliteConnection, charges: &[Charge]) -> Resu
             ") AS v JOIN ledger_entries AS l \
              ON l.org_id = v.column1 AND l.kind = v.column2 AND l.reference = v.column3",
         );
-        let rows: Vec<LineKey> = query.build_query_as().persistent(false).fetch_all(&mut *conn).await?;
+        let rows: Vec<LineKey> = query.build_query_as().fetch_all(&mut *conn).await?;
         existing.extend(rows);
     }
     Ok(existing)
@@ -79,8 +79,8 @@ impl LedgerRepo for SqliteStore {
             }
             let mut tx = self.begin_write().await?;
             let mut inserted = 0;
-            for chunk in entries.chunks(LEDGER_ROWS_PER_INSERT) {
-                inserted += ledger_insert(chunk).build().persistent(false).execute(&mut *tx).await?.rows_affected();
+            for chunk in fixed_chunks(entries) {
+                inserted += ledger_insert(chunk).build().execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
             Ok(inserted)
@@ -98,9 +98,9 @@ impl LedgerRepo for SqliteStore {
             // inserted row back through sqlx's worker channel, one hand-off per row.
             let existing = existing_lines(&mut tx, charges).await?;
             let mut inserted = 0;
-            for chunk in charges.chunks(LEDGER_ROWS_PER_INSERT) {
+            for chunk in fixed_chunks(charges) {
                 let mut insert = ledger_insert(chunk.iter().map(|c| &c.entry));
-                inserted += insert.build().persistent(false).execute(&mut *tx).await?.rows_affected();
+                inserted += insert.build().execute(&mut *tx).await?.rows_affected();
             }
             let new_lines: HashSet<LineKey> = charges
                 .iter()

@@ -10,7 +10,7 @@ use crate::sql::GENERATION_COLUMNS;
 use crate::usage::{
     events_sql, rollup_deltas, routes_upsert_binds, routes_upsert_sql, usage_rows_sql,
     usage_upsert_binds, usage_upsert_sql, Bind, EventsPage, ModelTokens, RouteStats, UsageQuery, UsageRepo, UsageRow,
-    EVENT_CURSOR_SQL, MODEL_TOKENS_SQL, ROLLUP_ROWS_PER_UPSERT, ROUTE_LATENCIES_SQL, ROUTE_STATS_SQL,
+    EVENT_CURSOR_SQL, MODEL_TOKENS_SQL, ROUTE_LATENCIES_SQL, ROUTE_STATS_SQL,
 };
 use crate::{BoxFuture, GenerationRecord, StoreError};
 
@@ -34,13 +34,13 @@ pub(super) async fn add_to_rollups(
     inserted: &HashSet<String>,
 ) -> Result<(), StoreError> {
     let deltas = rollup_deltas(records, inserted);
-    for rows in deltas.usage.chunks(ROLLUP_ROWS_PER_UPSERT) {
+    for rows in crate::sql::fixed_chunks(&deltas.usage) {
         let sql = usage_upsert_sql(rows.len());
-        sqlx::query_with(&sql, arguments(usage_upsert_binds(rows))).persistent(false).execute(&mut **tx).await?;
+        sqlx::query_with(&sql, arguments(usage_upsert_binds(rows))).execute(&mut **tx).await?;
     }
-    for rows in deltas.routes.chunks(ROLLUP_ROWS_PER_UPSERT) {
+    for rows in crate::sql::fixed_chunks(&deltas.routes) {
         let sql = routes_upsert_sql(rows.len());
-        sqlx::query_with(&sql, arguments(routes_upsert_binds(rows))).persistent(false).execute(&mut **tx).await?;
+        sqlx::query_with(&sql, arguments(routes_upsert_binds(rows))).execute(&mut **tx).await?;
     }
     Ok(())
 }
