@@ -144,6 +144,10 @@ impl Config {
         }
         let mut security = top.security;
         let secrets_key = secrets_key(security.secrets_key.take(), database_url.is_some(), &file_name, lookup)?;
+        if top.server.threads > schema::MAX_SERVING_THREADS {
+            let message = format!("must be at most {} (0: one per CPU core)", schema::MAX_SERVING_THREADS);
+            return Err(invalid(&file_name, "server.threads", message));
+        }
         if top.billing.default_org_currency.parse::<crate::money::Currency>().is_err() {
             return Err(invalid(&file_name, "billing.default_org_currency", "must be USD or INR"));
         }

@@ -47,6 +47,9 @@ pub(super) struct TopLevel {
     _models: Option<toml::Table>,
 }
 
+/// The most serving threads `[server] threads` may ask for.
+pub const MAX_SERVING_THREADS: usize = 1024;
+
 /// `[server]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]

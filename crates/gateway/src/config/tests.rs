@@ -82,6 +82,11 @@ fn errors_name_the_file_the_key_and_the_problem() {
     let syntax = error_text("[providers\n");
     assert!(syntax.contains("line 1"), "{syntax}");
 
+    let threads = error_text("[server]\nthreads = 100000\n");
+    assert!(threads.contains("server.threads") && threads.contains("at most 1024"), "{threads}");
+    assert_eq!(load("[server]\nthreads = 3\n", &[]).unwrap().server.serving_threads(), 3);
+    assert!(load("", &[]).unwrap().server.serving_threads() >= 1);
+
     let kind = error_text("[providers.x]\nkind = \"cohere\"\nbase_url = \"http://h\"\nregion = \"US\"\n");
     assert!(kind.contains("providers.x") && kind.contains("cohere"), "{kind}");
 }
