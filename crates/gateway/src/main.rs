@@ -84,7 +84,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let _log = marga_gateway::telemetry::init_logging(config.log.format);
     // Before the runtime: the exporter's HTTP client runs on a thread of its own.
     let otlp = marga_gateway::telemetry::otlp::init(&config.telemetry).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    // Requests are served by the serving threads (`serving.rs`, a runtime per core); this
+    // runtime runs the background tasks (writers, refreshers, the batch worker), which are
+    // waiting on IO or timers nearly all the time: one worker thread is enough.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let result = runtime.block_on(async move {
         let master_key = std::env::var("MARGA_MASTER_KEY").ok();
         let models = config.models.len();
