@@ -32,8 +32,11 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `count` sockets (at least one) to `addr`; port 0 picks a free port, which all of
     /// them share. A port another process listens on is refused (`AddrInUse`), even if that
-    /// process is another Marga whose sockets would accept company.
+    /// process is another Marga whose sockets would accept company. Without `SO_REUSEPORT`
+    /// (not Unix) there is one socket, hence one serving thread.
     pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Listeners> {
+        #[cfg(not(unix))]
+        let count = 1;
         if addr.port() != 0 {
             ensure_unused(addr)?;
         }
