@@ -16,7 +16,7 @@ use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri};
-use http_body_util::{BodyDataStream, BodyExt, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -222,11 +222,12 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| ProviderError::malformed(protocol, e))
 }
 
-/// The SSE events of a streamed response; a transport error ends the stream with one `Err`.
+/// The SSE events of a streamed response, its bytes read in batches of what arrived together
+/// ([`crate::coalesce`]); a transport error ends the stream with one `Err`.
 pub(crate) fn sse_events(
     response: Reply,
 ) -> impl Stream<Item = Result<Event, ProviderError>> + Send + 'static {
-    BodyDataStream::new(response.into_body()).eventsource().map(|r| {
+    crate::coalesce::coalesce(response.into_body()).eventsource().map(|r| {
         r.map_err(|e| {
             let kind = ErrorKind::StreamInterrupted;
             ProviderError::new(kind, "upstream stream was interrupted").with_source(SseError(e.to_string()))

@@ -15,6 +15,7 @@
 pub mod anthropic;
 mod anthropic_batch;
 pub mod batch;
+mod coalesce;
 mod error;
 pub mod gemini;
 mod http;
