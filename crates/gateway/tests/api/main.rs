@@ -28,4 +28,5 @@ mod residency;
 mod routing;
 mod scale_out;
 mod streaming;
+mod test_db;
 mod usage;
