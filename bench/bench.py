@@ -311,6 +311,9 @@ def bodies(tmp):
         specs = {
             "chat": {"model": chat, "messages": [{"role": "user", "content": PROMPT}]},
             "embed": embed and {"model": embed, "input": PROMPT},
+            # Not in the default workloads: vectors of a real model's size (the mock's default
+            # is 8 dimensions), where relaying the vector's bytes matters.
+            "embed1536": embed and {"model": embed, "input": PROMPT, "dimensions": 1536},
             "stream": stream and {"model": stream, "messages": [{"role": "user", "content": PROMPT}],
                                   "stream": True, "stream_options": {"include_usage": True}},
         }
@@ -322,7 +325,8 @@ def bodies(tmp):
     return out
 
 
-PATHS = {"chat": "/v1/chat/completions", "embed": "/v1/embeddings", "stream": "/v1/chat/completions"}
+PATHS = {"chat": "/v1/chat/completions", "embed": "/v1/embeddings", "embed1536": "/v1/embeddings",
+         "stream": "/v1/chat/completions"}
 
 
 def run_wrk(url, body, auth, seconds, conns, threads, cpus):

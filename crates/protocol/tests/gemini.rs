@@ -207,7 +207,7 @@ fn embeddings_as_floats() {
 fn embeddings_as_base64_little_endian_f32() {
     use base64::Engine as _;
     let response = from_batch_embed(embeddings_answer(), "embed", Some("base64"));
-    let encoded = response.data[0].embedding.as_str().unwrap();
+    let encoded = response.data[0].embedding.to_base64().unwrap();
     let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
     let floats: Vec<f32> = bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     assert_eq!(floats, vec![0.5, -1.0, 0.25]);

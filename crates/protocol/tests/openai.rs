@@ -3,7 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use marga_protocol::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Outbound, StreamOptions,
+    ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EmbeddingResponse, Outbound,
+    StreamOptions,
 };
 use marga_protocol::routing::RoutingExtensions;
 use proptest::prelude::*;
@@ -111,6 +112,18 @@ fn arb_request() -> impl Strategy<Value = Value> {
             Value::Object(body)
         },
     )
+}
+
+#[test]
+fn embedding_vectors_are_relayed_as_written() {
+    // Digits a float would lose, an exponent, a base64 string: all come back byte for byte.
+    let upstream = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.10000000000000000555,-1E-7,3]},{"object":"embedding","index":1,"embedding":"AACAPwAAAMA="}],"model":"m"}"#;
+    let response: EmbeddingResponse = serde_json::from_str(upstream).unwrap();
+    assert_eq!(serde_json::to_string(&response).unwrap(), upstream);
+    assert_eq!(response.data[0].embedding.to_floats(), Some(vec![0.1, -1e-7, 3.0]));
+    assert_eq!(response.data[0].embedding.to_base64(), None);
+    assert_eq!(response.data[1].embedding.to_base64().as_deref(), Some("AACAPwAAAMA="));
+    assert_eq!(response.data[1].embedding.to_floats(), None);
 }
 
 proptest! {

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use marga_protocol::openai::{
     AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatMessage, ChunkChoice, ChunkDelta, Embedding, EmbeddingRequest,
-    EmbeddingResponse, Extra, FinishReason, FunctionCall, Role, ToolCall, ToolChoice, Usage,
+    EmbeddingResponse, EmbeddingVector, Extra, FinishReason, FunctionCall, Role, ToolCall, ToolChoice, Usage,
 };
 use sha2::{Digest, Sha256};
 
@@ -173,7 +173,7 @@ fn embeddings(request: &EmbeddingRequest, model: &str) -> EmbeddingResponse {
     let data = texts
         .iter()
         .enumerate()
-        .map(|(i, t)| Embedding { object: "embedding".to_owned(), index: i as u32, embedding: serde_json::json!(embed(t, dimensions)) })
+        .map(|(i, t)| Embedding { object: "embedding".to_owned(), index: i as u32, embedding: EmbeddingVector::floats(&embed(t, dimensions)) })
         .collect();
     let usage = Usage { prompt_tokens: tokens, total_tokens: tokens, ..Usage::default() };
     EmbeddingResponse { object: "list".to_owned(), data, model: model.to_owned(), usage: Some(usage), extra: Extra::new() }

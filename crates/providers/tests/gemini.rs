@@ -211,11 +211,11 @@ async fn embeddings_float_and_base64() {
     assert_eq!(floats.data.len(), 2);
     assert!(floats.usage.is_none());
     let vector: Vec<f32> =
-        floats.data[1].embedding.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        floats.data[1].embedding.to_floats().unwrap().iter().map(|v| *v as f32).collect();
     assert_eq!(vector.len(), 4);
 
     let encoded = embed(&provider, &embedding_request(Some("base64"))).await.unwrap();
-    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded.data[1].embedding.as_str().unwrap()).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded.data[1].embedding.to_base64().unwrap()).unwrap();
     let decoded: Vec<f32> = bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     assert_eq!(decoded, vector);
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use marga_protocol::openai::{EmbeddingRequest, EmbeddingResponse, Usage};
+use marga_protocol::openai::{EmbeddingRequest, EmbeddingResponse, EmbeddingVector, Usage};
 use marga_providers::Call;
 
 use super::admit::take_extensions;
@@ -91,11 +91,9 @@ pub(crate) async fn embeddings_whole(
 /// always gets what it asked for.
 fn encode_floats_as_base64(data: &mut [marga_protocol::openai::Embedding]) {
     for item in data {
-        let Some(values) = item.embedding.as_array() else { continue };
-        let floats: Option<Vec<f64>> = values.iter().map(serde_json::Value::as_f64).collect();
-        if let Some(floats) = floats {
+        if let Some(floats) = item.embedding.to_floats() {
             let bytes: Vec<u8> = floats.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
-            item.embedding = serde_json::Value::String(base64_standard(&bytes));
+            item.embedding = EmbeddingVector::base64(&base64_standard(&bytes));
         }
     }
 }
@@ -133,9 +131,9 @@ mod base64_tests {
     #[test]
     fn float_vectors_become_little_endian_f32_base64() {
         let embedding = |index, value| marga_protocol::openai::Embedding { object: "embedding".to_owned(), index, embedding: value };
-        let mut data = vec![embedding(0, serde_json::json!([1.0, -2.0])), embedding(1, serde_json::json!("AACAPwAAAMA="))];
+        let mut data = vec![embedding(0, EmbeddingVector::floats(&[1.0, -2.0])), embedding(1, EmbeddingVector::base64("AACAPwAAAMA="))];
         encode_floats_as_base64(&mut data);
-        assert_eq!(data[0].embedding, serde_json::json!("AACAPwAAAMA="));
-        assert_eq!(data[1].embedding, serde_json::json!("AACAPwAAAMA="), "already base64: left alone");
+        assert_eq!(data[0].embedding.json(), "\"AACAPwAAAMA=\"");
+        assert_eq!(data[1].embedding.json(), "\"AACAPwAAAMA=\"", "already base64: left alone");
     }
 }

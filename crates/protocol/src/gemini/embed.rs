@@ -7,10 +7,9 @@
 //! `f32`s, exactly as OpenAI encodes it.
 
 use base64::Engine as _;
-use serde_json::Value;
 
 use super::types::{BatchEmbedContentsRequest, BatchEmbedContentsResponse, Content, EmbedContentRequest, Part};
-use crate::openai::{Embedding, EmbeddingRequest, EmbeddingResponse, Extra};
+use crate::openai::{Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingVector, Extra};
 
 /// The batch request embedding every input of `req` with `upstream_model`.
 pub fn to_batch_embed(req: &EmbeddingRequest, upstream_model: &str) -> BatchEmbedContentsRequest {
@@ -45,7 +44,11 @@ pub fn from_batch_embed(
         .map(|(i, embedding)| Embedding {
             object: "embedding".to_owned(),
             index: u32::try_from(i).unwrap_or(u32::MAX),
-            embedding: if base64 { Value::String(encode_base64(&embedding.values)) } else { floats(embedding.values) },
+            embedding: if base64 {
+                EmbeddingVector::base64(&encode_base64(&embedding.values))
+            } else {
+                EmbeddingVector::floats(&embedding.values)
+            },
         })
         .collect();
     EmbeddingResponse { object: "list".to_owned(), data, model: model.to_owned(), usage: None, extra: Extra::new() }
@@ -54,10 +57,6 @@ pub fn from_batch_embed(
 /// `models/<model>`, whether or not the name already has the prefix.
 pub fn model_resource(model: &str) -> String {
     format!("models/{}", model.strip_prefix("models/").unwrap_or(model))
-}
-
-fn floats(values: Vec<f64>) -> Value {
-    Value::Array(values.into_iter().map(Value::from).collect())
 }
 
 /// Base64 of the vector as little-endian `f32`s.

@@ -318,8 +318,8 @@ pub async fn embeddings(f: &Fixture) {
     assert!(!vector(&response.data[0].embedding).is_empty());
 }
 
-fn vector(value: &Value) -> Vec<f64> {
-    value.as_array().expect("a float array").iter().map(|x| x.as_f64().unwrap()).collect()
+fn vector(value: &marga_protocol::openai::EmbeddingVector) -> Vec<f64> {
+    value.to_floats().expect("a float array")
 }
 
 pub async fn completions(f: &Fixture) {

@@ -199,7 +199,7 @@ async fn base64_embeddings_pass_through() {
     let response = provider.embeddings(call(&request)).await.unwrap();
     assert_eq!(sent_body(&mock)["encoding_format"], "base64");
     assert_eq!(response.data.len(), 2);
-    let encoded = response.data[0].embedding.as_str().expect("base64 is kept as a string");
+    let encoded = response.data[0].embedding.to_base64().expect("base64 is kept as a string");
     assert_eq!(encoded.len(), 24, "4 little-endian f32s, base64: {encoded}");
 }
 

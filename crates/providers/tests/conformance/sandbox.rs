@@ -117,7 +117,7 @@ fn vectors(response: &marga_protocol::openai::EmbeddingResponse) -> Vec<Vec<f64>
     response
         .data
         .iter()
-        .map(|e| e.embedding.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|e| e.embedding.to_floats().unwrap())
         .collect()
 }
 
