@@ -17,7 +17,7 @@ use crate::auth::MasterKey;
 use crate::batch::Batches;
 use crate::budget::SpendTracker;
 use crate::config::Config;
-use crate::http::{router, AppState, ModelPages, UsageState};
+use crate::http::{router, AppState, ModelPages, Shared, UsageState};
 use crate::ledger::Ledger;
 use crate::limits::{LimitDefaults, Limiter};
 use crate::registry::Registry;
@@ -114,7 +114,7 @@ impl App {
         let allow_private = config.security.allow_private_webhook_targets;
         let batches = Batches::new(store.clone(), &config.data_dir, config.batch.clone(), secret, allow_private)
             .map_err(|source| StartError::DataDir { source })?;
-        let state = AppState {
+        let state = AppState::new(Shared {
             model_pages: Arc::new(ModelPages::render(&registry)),
             usage: Arc::new(UsageState::new(store.clone())),
             registry,
@@ -125,7 +125,7 @@ impl App {
             max_body: config.server.max_body_bytes,
             batches: Arc::new(batches),
             secrets: Arc::new(crate::secrets::Secrets::new(&secrets_key)),
-        };
+        });
         let mut background = background;
         if config.batch.worker {
             background.extend(crate::batch::worker::Worker::spawn(state.clone()));

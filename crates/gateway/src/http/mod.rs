@@ -40,9 +40,28 @@ use crate::routing::Routing;
 pub use models::ModelPages;
 pub use usage::UsageState;
 
-/// What handlers share. Every field is an `Arc` or a cheap handle.
+/// What handlers share: one `Arc`, so that handing it to a request (axum clones the state
+/// for every extraction) is one reference count, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The handlers' shared state, behind [`AppState`]. Every field is an `Arc` or a cheap handle
+/// (tasks that outlive a request clone the one they need).
+pub struct Shared {
     pub registry: Arc<Registry>,
     pub admission: Arc<Admission>,
     pub log: RequestLog,

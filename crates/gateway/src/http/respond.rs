@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::Stream;
@@ -39,7 +39,9 @@ pub fn served_headers(ctx: &RequestCtx, plan: &Plan, candidate: &Candidate, cost
         .map(|a| (format!("{}/{}", a.provider, a.model), a.outcome))
         .collect();
     let route = plan.header(&candidate.route, &failed);
-    let mut headers = HeaderMap::with_capacity(6);
+    // Room for every header a response can carry (four, the cost's three, the rate limit's
+    // three, the content type's and the stream's), so that the map never grows.
+    let mut headers = HeaderMap::with_capacity(16);
     let pairs = [
         (&X_BR_PROVIDER, candidate.route.provider.id.as_str()),
         (&X_BR_MODEL, candidate.model.id.as_str()),
@@ -80,7 +82,14 @@ pub fn json_response(value: &impl Serialize, ctx: &RequestCtx, plan: &Plan, cand
     };
     let mut headers = served_headers(ctx, plan, candidate, cost);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    (StatusCode::OK, headers, body).into_response()
+    ok_with(headers, Body::from(body))
+}
+
+/// A 200 response with exactly `headers` (built in place: no second header map to merge).
+fn ok_with(headers: HeaderMap, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.headers_mut() = headers;
+    response
 }
 
 pub fn sse_response(
@@ -90,7 +99,7 @@ pub fn sse_response(
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
-    (StatusCode::OK, headers, Body::from_stream(stream)).into_response()
+    ok_with(headers, Body::from_stream(stream))
 }
 
 /// Records a request that was admitted but not served, and passes the error on.
