@@ -112,8 +112,10 @@ impl Outgoing<'_> {
         self
     }
 
-    /// Sends the request with `body`; the response whatever its status.
-    async fn send_raw(self, body: Bytes) -> Result<Reply, ProviderError> {
+    /// Sends the request with `body`; the response whatever its status. Within
+    /// [`with_traceparent`], it carries the caller's trace context.
+    async fn send_raw(mut self, body: Bytes) -> Result<Reply, ProviderError> {
+        let _ = TRACEPARENT.try_with(|value| self.headers.insert(TRACEPARENT_HEADER, value.clone()));
         let mut request = http::Request::new(Full::new(body));
         *request.method_mut() = self.method;
         *request.uri_mut() = self.uri;
@@ -130,6 +132,23 @@ impl Outgoing<'_> {
         } else {
             Err(error_from_response(response).await)
         }
+    }
+}
+
+const TRACEPARENT_HEADER: HeaderName = HeaderName::from_static("traceparent");
+
+tokio::task_local! {
+    /// The W3C `traceparent` every upstream request of the current call carries.
+    static TRACEPARENT: HeaderValue;
+}
+
+/// Runs `call` with `traceparent` (a W3C trace context: the gateway's span for the request)
+/// sent on every upstream request it makes, so that a traced upstream (a self-hosted vLLM,
+/// another gateway) joins the caller's trace. `None` runs `call` as it is.
+pub async fn with_traceparent<F: std::future::Future>(traceparent: Option<HeaderValue>, call: F) -> F::Output {
+    match traceparent {
+        Some(value) => TRACEPARENT.scope(value, call).await,
+        None => call.await,
     }
 }
 

@@ -36,6 +36,7 @@ use marga_protocol::openai::{
 
 pub use batch::{BatchItemError, BatchRequest, BatchResult, BatchState, NativeBatch};
 pub use error::{ErrorKind, ProviderError};
+pub use http::with_traceparent;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The chunks of a streamed chat completion, already in OpenAI shape.

@@ -48,13 +48,13 @@ fn parse_json_naming_the_field<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, A
 }
 
 /// User agent, referer and the OpenAI `user` field, for the request log; the caller's
-/// `traceparent`, for its span.
+/// `traceparent` and the request's span ids, when spans are exported.
 pub fn client_info(headers: &HeaderMap, end_user: Option<&str>) -> ClientInfo {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect());
     ClientInfo {
         user_agent: header("user-agent"),
         referer: header("http-referer").or_else(|| header("referer")),
         end_user: end_user.map(|u| u.chars().take(256).collect()),
-        trace_parent: crate::telemetry::otlp::parent(headers),
+        span: crate::telemetry::otlp::request_span(headers),
     }
 }

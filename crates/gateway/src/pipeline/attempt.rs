@@ -37,6 +37,7 @@ where
     let deadline = Deadline::now() + settings.total_timeout;
     let mut last: Option<(String, ProviderError)> = None;
     routing.budget.deposit();
+    let traceparent = ctx.client.span.as_ref().and_then(crate::telemetry::otlp::RequestSpan::traceparent);
     for (i, candidate) in candidates.iter().take(settings.max_attempts).enumerate() {
         let remaining = deadline.saturating_duration_since(Deadline::now());
         if remaining.is_zero() || (i > 0 && !routing.budget.withdraw()) {
@@ -45,7 +46,8 @@ where
         let started = Instant::now();
         let limit = settings.first_token_timeout.min(remaining);
         candidate.route.health.begin_attempt();
-        let result = match tokio::time::timeout(limit, op(candidate.clone())).await {
+        let attempt = marga_providers::with_traceparent(traceparent.clone(), op(candidate.clone()));
+        let result = match tokio::time::timeout(limit, attempt).await {
             Ok(result) => result,
             Err(_) => Err(ProviderError::new(ErrorKind::Timeout, format!("no answer within {limit:?}"))),
         };

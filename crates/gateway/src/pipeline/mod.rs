@@ -48,8 +48,9 @@ pub struct ClientInfo {
     pub referer: Option<String>,
     /// The OpenAI `user` field.
     pub end_user: Option<String>,
-    /// The caller's W3C `traceparent`, when traces are exported.
-    pub trace_parent: Option<opentelemetry::trace::SpanContext>,
+    /// The request's span (and the caller's, from its W3C `traceparent`), when traces are
+    /// exported.
+    pub span: Option<crate::telemetry::otlp::RequestSpan>,
 }
 
 /// One try of one route.

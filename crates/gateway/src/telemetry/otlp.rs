@@ -7,7 +7,7 @@
 //! the request's real start time; spans go to a bounded queue drained by the SDK's batch
 //! exporter thread (a full queue drops spans, never waits). A caller's W3C `traceparent`
 //! header makes the span its child. When no endpoint is configured the tracer is never
-//! installed: [`parent`] and [`export_request`] are one atomic load each.
+//! installed: [`request_span`] and [`export_request`] are one atomic load each.
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
@@ -91,12 +91,36 @@ pub fn enabled() -> bool {
     TRACER.get().is_some()
 }
 
-/// The caller's W3C `traceparent` (parsed only when spans are exported).
-pub fn parent(headers: &http::HeaderMap) -> Option<SpanContext> {
+/// A request's span, decided when the request arrives so that its upstream calls can name it
+/// as their parent: in the caller's trace (its W3C `traceparent`) or in a new one.
+#[derive(Clone, Debug)]
+pub struct RequestSpan {
+    /// The caller's span, when it sent a valid `traceparent`.
+    pub parent: Option<SpanContext>,
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    flags: TraceFlags,
+}
+
+impl RequestSpan {
+    /// The `traceparent` for the upstream calls: this span as their parent.
+    pub fn traceparent(&self) -> Option<http::HeaderValue> {
+        let value = format!("00-{}-{}-{:02x}", self.trace_id, self.span_id, self.flags.to_u8());
+        http::HeaderValue::from_str(&value).ok()
+    }
+}
+
+/// The request's span, when spans are exported (else `None`, one atomic load).
+pub fn request_span(headers: &http::HeaderMap) -> Option<RequestSpan> {
     if !enabled() {
         return None;
     }
-    parse_traceparent(headers.get("traceparent")?.to_str().ok()?)
+    let parent = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
+    let random = uuid::Uuid::new_v4().as_u128();
+    let trace_id = parent.as_ref().map_or_else(|| TraceId::from(random), SpanContext::trace_id);
+    let span_id = SpanId::from(((random >> 64) as u64 ^ random as u64).max(1));
+    let flags = parent.as_ref().map_or(TraceFlags::SAMPLED, SpanContext::trace_flags);
+    Some(RequestSpan { parent, trace_id, span_id, flags })
 }
 
 /// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`; `None` for anything else.
@@ -151,12 +175,17 @@ pub fn export_request(ctx: &RequestCtx, outcome: &Outcome<'_>, usage: &Usage) {
     if let Some(kind) = &error {
         attributes.push(KeyValue::new("error.type", kind.clone()));
     }
-    let builder = tracer
+    let mut builder = tracer
         .span_builder(format!("{} {}", operation(ctx.endpoint), ctx.model.id))
         .with_kind(SpanKind::Client)
         .with_start_time(start)
         .with_attributes(attributes);
-    let mut span = match &ctx.client.trace_parent {
+    let request_span = ctx.client.span.as_ref();
+    // The ids the upstream calls were told (their `traceparent`), so that their spans are
+    // this span's children.
+    builder.trace_id = request_span.map(|s| s.trace_id);
+    builder.span_id = request_span.map(|s| s.span_id);
+    let mut span = match request_span.and_then(|s| s.parent.as_ref()) {
         Some(parent) => builder.start_with_context(tracer, &Context::new().with_remote_span_context(parent.clone())),
         None => builder.start(tracer),
     };

@@ -149,7 +149,7 @@ struct Setup {
     config: PathBuf,
     master_key: String,
     upstream_key: String,
-    _upstream: MockUpstream,
+    upstream: MockUpstream,
 }
 
 async fn setup(database: Option<TestDatabase>, more_toml: &str) -> Setup {
@@ -165,7 +165,7 @@ async fn setup(database: Option<TestDatabase>, more_toml: &str) -> Setup {
     let config = data.dir.path().join("marga.toml");
     std::fs::write(&config, toml).unwrap();
     let master_key = format!("marga_mk_test_{}", uuid::Uuid::new_v4().simple());
-    Setup { data, config, master_key, upstream_key, _upstream: upstream }
+    Setup { data, config, master_key, upstream_key, upstream }
 }
 
 /// An organisation with credit, its management key, and an inference key (with its id).
@@ -374,6 +374,8 @@ async fn otlp_export_sends_one_gen_ai_span_per_request() {
     let client = reqwest::Client::new();
     let ok = send(&client, &gateway.base_url, &tenant.key, &chat("test/obs", false, "trace me")).await;
     let usage = ok.usage.clone().unwrap();
+    let upstream_traceparent = || setup.upstream.last_request().unwrap().header("traceparent").map(str::to_owned);
+    let ok_upstream = upstream_traceparent();
     let streamed = send(&client, &gateway.base_url, &tenant.key, &chat("test/obs", true, "trace me too")).await;
     // A caller that traces: its span becomes the parent.
     let (trace_id, parent_id) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
@@ -386,6 +388,7 @@ async fn otlp_export_sends_one_gen_ai_span_per_request() {
         .await
         .unwrap();
     assert_eq!(child.status(), 200);
+    let child_upstream = upstream_traceparent();
     let child_id = child.headers().get("x-generation-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     // Exported about every second; the shutdown sends what is left.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -421,6 +424,13 @@ async fn otlp_export_sends_one_gen_ai_span_per_request() {
     assert!(span.parent_span_id.is_empty(), "without traceparent, a root span");
     let child = by_id(&child_id);
     assert_eq!((hex::encode(&child.trace_id), hex::encode(&child.parent_span_id)), (trace_id.to_owned(), parent_id.to_owned()));
+    // The upstream calls carry each request's own span as their parent (W3C trace context),
+    // so that a traced upstream joins the trace.
+    let as_parent = |s: &opentelemetry_proto::tonic::trace::v1::Span| {
+        Some(format!("00-{}-{}-01", hex::encode(&s.trace_id), hex::encode(&s.span_id)))
+    };
+    assert_eq!(ok_upstream, as_parent(span), "a root span's id reaches the upstream");
+    assert_eq!(child_upstream, as_parent(child), "in the caller's trace, with Marga's span as the parent");
 }
 
 // ---------------------------------------------------------------------------------------------
