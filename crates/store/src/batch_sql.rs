@@ -29,6 +29,18 @@ pub(crate) fn numbered(sql: &'static str) -> Cow<'static, str> {
 /// Items inserted per statement at batch creation (4 parameters each).
 pub(crate) const ITEM_CHUNK: usize = 500;
 
+/// Whether any item is claimable (the claim's condition), read before claiming: the claim is
+/// a write, and on SQLite a write takes the database's one write lock even when it changes
+/// nothing, so a worker polling an idle queue under load queued behind (and ahead of) the
+/// request log and the ledger every poll.
+pub(crate) const ITEMS_DUE_SQL: &str = "SELECT 1 FROM batch_items i JOIN batches b ON b.id = i.batch_id \
+     WHERE b.status = 'in_progress' AND b.lane = 'realtime' AND b.expires_at_ms > ? \
+     AND (i.state = 'pending' OR (i.state = 'running' AND i.lease_until_ms < ?)) LIMIT 1";
+
+/// Whether any webhook delivery is due (see [`ITEMS_DUE_SQL`]).
+pub(crate) const DELIVERIES_DUE_SQL: &str =
+    "SELECT 1 FROM webhook_deliveries WHERE state = 'pending' AND next_at_ms <= ? AND lease_until_ms < ? LIMIT 1";
+
 macro_rules! batch_repos {
     ($store:ty, $db:ty, $q:path, $claim:expr, $claim_deliveries:expr) => {
         use sqlx::QueryBuilder;
@@ -203,6 +215,11 @@ macro_rules! batch_repos {
                 limit: i64,
             ) -> BoxFuture<'a, Result<Vec<ClaimedItem>, StoreError>> {
                 Box::pin(async move {
+                    let due = $q(crate::batch_sql::ITEMS_DUE_SQL);
+                    let due: Option<(i32,)> = sqlx::query_as(&due).bind(now_ms).bind(now_ms).fetch_optional(&self.pool).await?;
+                    if due.is_none() {
+                        return Ok(Vec::new());
+                    }
                     let claimed = sqlx::query_as($claim)
                         .bind(owner)
                         .bind(lease_until_ms)
@@ -443,6 +460,11 @@ macro_rules! batch_repos {
                 limit: i64,
             ) -> BoxFuture<'a, Result<Vec<DeliveryRecord>, StoreError>> {
                 Box::pin(async move {
+                    let due = $q(crate::batch_sql::DELIVERIES_DUE_SQL);
+                    let due: Option<(i32,)> = sqlx::query_as(&due).bind(now_ms).bind(now_ms).fetch_optional(&self.pool).await?;
+                    if due.is_none() {
+                        return Ok(Vec::new());
+                    }
                     let claimed = sqlx::query_as($claim_deliveries)
                         .bind(owner)
                         .bind(lease_until_ms)
