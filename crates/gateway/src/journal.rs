@@ -1,7 +1,8 @@
-//! The charge journal: a local append-only file where each charge is written (one JSON line,
+//! The charge journal: local append-only files where each charge is written (one JSON line,
 //! one `write` call) before the client is answered. The ledger writer then commits charges to
-//! the database in batches and empties the journal once everything in it is committed; on
-//! start, whatever the journal still holds is committed again (idempotent by reference).
+//! the database in batches and empties each of the journal's two files once everything in it
+//! is committed (appends alternate between them, see [`ROTATE_AFTER`]); on start, whatever
+//! they still hold is committed again (idempotent by reference).
 //!
 //! A charge is therefore durable against a crash of the process (`kill -9`: the page cache
 //! keeps what was written) as soon as the client can see its answer, without the response
@@ -68,10 +69,18 @@ impl Line<String> {
     }
 }
 
+/// Lines after which appends move to the journal's other file (≈ 3 MB), once that one is
+/// empty. With two files, one can be emptied (all its lines committed) while charges keep
+/// going to the other: a journal that had to be wholly committed at one instant to be emptied
+/// grew without bound under a steady load, which never leaves the queue empty.
+const ROTATE_AFTER: u64 = 10_000;
+
 struct State {
-    file: File,
-    /// Lines appended since the file was last emptied.
-    appended: u64,
+    files: [File; 2],
+    /// Per file: lines appended since it was last emptied.
+    appended: [u64; 2],
+    /// The file appends go to.
+    current: usize,
 }
 
 pub struct Journal {
@@ -80,46 +89,84 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating) the journal at `path`; returns it with the charges it still holds.
+    /// Opens (creating) the journal at `path` and its second file (`path` with `.1` added);
+    /// returns it with the charges they still hold.
     pub fn open(path: &Path) -> std::io::Result<(Journal, Vec<Charge>)> {
-        let pending = match File::open(path) {
-            Ok(file) => read_lines(file),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let appended = pending.len() as u64;
-        Ok((Journal { path: path.to_owned(), state: Mutex::new(State { file, appended }) }, pending))
+        let paths = [path.to_owned(), second_file(path)];
+        let mut pending = Vec::new();
+        let mut appended = [0; 2];
+        for (i, path) in paths.iter().enumerate() {
+            let lines = read_file(path)?;
+            appended[i] = lines.len() as u64;
+            pending.extend(lines);
+        }
+        let files = [open_append(&paths[0])?, open_append(&paths[1])?];
+        let state = State { files, appended, current: 0 };
+        Ok((Journal { path: path.to_owned(), state: Mutex::new(state) }, pending))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Writes one charge to the journal (one `write` call, no `fsync`).
-    pub fn append(&self, charge: &Charge) -> std::io::Result<()> {
+    /// Writes one charge to the journal (one `write` call, no `fsync`). Returns the file it went
+    /// to, for [`Journal::release`]. Appends move to the other file once this one holds
+    /// [`ROTATE_AFTER`] lines and the other is empty.
+    pub fn append(&self, charge: &Charge) -> std::io::Result<usize> {
         let mut line = serde_json::to_vec(&Line::of(charge)).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut state = self.lock();
-        state.file.write_all(&line)?;
-        state.appended += 1;
+        let other = 1 - state.current;
+        if state.appended[state.current] >= ROTATE_AFTER && state.appended[other] == 0 {
+            state.current = other;
+        }
+        let current = state.current;
+        state.files[current].write_all(&line)?;
+        state.appended[current] += 1;
+        Ok(current)
+    }
+
+    /// Empties each file whose every line has been committed; `committed` counts, per file,
+    /// the lines committed since it was last emptied (and is reset for the files emptied).
+    pub fn release(&self, committed: &mut [u64; 2]) -> std::io::Result<()> {
+        let mut state = self.lock();
+        for i in 0..2 {
+            if state.appended[i] > 0 && state.appended[i] == committed[i] {
+                state.files[i].set_len(0)?;
+                state.appended[i] = 0;
+                committed[i] = 0;
+            }
+        }
         Ok(())
     }
 
-    /// Empties the journal if every line in it has been committed (`committed` counts the
-    /// lines committed since the last time it was emptied).
-    pub fn truncate_if_committed(&self, committed: u64) -> std::io::Result<bool> {
-        let mut state = self.lock();
-        if state.appended != committed {
-            return Ok(false);
-        }
-        state.file.set_len(0)?;
-        state.appended = 0;
-        Ok(true)
+    /// Lines written to each file since it was last emptied.
+    pub fn appended(&self) -> [u64; 2] {
+        self.lock().appended
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The journal's second file: `path` with `.1` added.
+fn second_file(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The charges in one journal file (none if it does not exist).
+fn read_file(path: &Path) -> std::io::Result<Vec<Charge>> {
+    match File::open(path) {
+        Ok(file) => Ok(read_lines(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
     }
 }
 
@@ -156,9 +203,36 @@ mod tests {
         let (journal, pending) = Journal::open(&path).unwrap();
         assert_eq!(pending.iter().map(|c| c.entry.reference.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
         assert_eq!(pending[0].lease_id.as_deref(), Some("l"));
-        assert!(!journal.truncate_if_committed(1).unwrap(), "one line is not committed yet");
-        assert!(journal.truncate_if_committed(2).unwrap());
+        let mut committed = [1, 0];
+        journal.release(&mut committed).unwrap();
+        assert_eq!((journal.appended(), committed), ([2, 0], [1, 0]), "one line is not committed yet");
+        committed[0] = 2;
+        journal.release(&mut committed).unwrap();
+        assert_eq!((journal.appended(), committed), ([0, 0], [0, 0]));
         drop(journal);
         assert!(Journal::open(&path).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn a_full_file_is_emptied_while_appends_go_to_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("charges.journal");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let mut committed = [0; 2];
+        for i in 0..ROTATE_AFTER {
+            assert_eq!(journal.append(&charge(&format!("a{i}"))).unwrap(), 0);
+        }
+        committed[0] = ROTATE_AFTER - 1;
+        assert_eq!(journal.append(&charge("b0")).unwrap(), 1, "the first file is full: the second one takes appends");
+        assert_eq!(journal.append(&charge("b1")).unwrap(), 1);
+        journal.release(&mut committed).unwrap();
+        assert_eq!(journal.appended(), [ROTATE_AFTER, 2], "the first file still holds an uncommitted line");
+        committed[0] += 1;
+        journal.release(&mut committed).unwrap();
+        assert_eq!(journal.appended(), [0, 2], "emptied while the second file holds uncommitted lines");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        drop(journal);
+        let (_, pending) = Journal::open(&path).unwrap();
+        assert_eq!(pending.iter().map(|c| c.entry.reference.as_str()).collect::<Vec<_>>(), vec!["b0", "b1"], "the second file is read back at start");
     }
 }

@@ -8,8 +8,8 @@
 //! - Settlement **charges** the actual cost as a ledger line and returns the rest of the
 //!   reservation to the lease. The charge is first appended to the local [`Journal`] (one
 //!   `write`, durable against a crash of the process) — only then is the client answered — and
-//!   one writer task commits the charges to the database in batches, emptying the journal once
-//!   everything in it is committed. At start the journal's leftovers are committed again
+//!   one writer task commits the charges to the database in batches, emptying each of the
+//!   journal's two files once everything in it is committed. At start the journal's leftovers are committed again
 //!   (idempotent by reference). Without a journal the client waits for the commit itself.
 //! - Leases expire unless renewed, so the credit set aside by an instance that dies comes back
 //!   by itself; charges made under it are already in the ledger.
@@ -74,7 +74,13 @@ pub struct Reservation {
     settled: bool,
 }
 
-type Waiter = Option<oneshot::Sender<Result<(), String>>>;
+/// How a queued charge is kept safe until its commit.
+enum Durability {
+    /// In the journal's file `0` or `1`.
+    Journaled(usize),
+    /// Nowhere yet: the caller waits for the commit.
+    Waiting(oneshot::Sender<Result<(), String>>),
+}
 
 pub struct Ledger {
     repo: Arc<dyn LedgerRepo>,
@@ -84,7 +90,7 @@ pub struct Ledger {
     /// Per organisation: held while this instance opens a lease for it.
     opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     journal: Option<Arc<Journal>>,
-    writer: mpsc::Sender<(Charge, Waiter)>,
+    writer: mpsc::Sender<(Charge, Durability)>,
 }
 
 impl Ledger {
@@ -242,14 +248,15 @@ impl Ledger {
         }
         if let Some(journal) = &self.journal {
             match journal.append(&charge) {
-                Ok(()) => {
-                    return self.writer.send((charge, None)).await.map_err(|_| LedgerError::WriterGone);
+                Ok(file) => {
+                    let queued = (charge, Durability::Journaled(file));
+                    return self.writer.send(queued).await.map_err(|_| LedgerError::WriterGone);
                 }
                 Err(e) => tracing::error!(error = %e, "charge journal unwritable; waiting for the database commit"),
             }
         }
         let (done, wait) = oneshot::channel();
-        self.writer.send((charge, Some(done))).await.map_err(|_| LedgerError::WriterGone)?;
+        self.writer.send((charge, Durability::Waiting(done))).await.map_err(|_| LedgerError::WriterGone)?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(LedgerError::Commit(message)),
@@ -324,14 +331,15 @@ async fn recover(repo: &dyn LedgerRepo, path: &std::path::Path) -> Result<Journa
         let inserted = repo.charge(&pending).await?;
         tracing::info!(pending = pending.len(), inserted, "committed charges left in the journal by the last run");
     }
-    journal.truncate_if_committed(pending.len() as u64).map_err(|e| LedgerError::Commit(format!("charge journal: {e}")))?;
+    journal.release(&mut journal.appended()).map_err(|e| LedgerError::Commit(format!("charge journal: {e}")))?;
     Ok(journal)
 }
 
-/// Commits every waiting charge in one transaction, answers each waiter, and empties the
-/// journal once everything written to it is committed.
-async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, Waiter)>, journal: Option<Arc<Journal>>) {
-    let mut committed_since_truncate = 0u64;
+/// Commits every waiting charge in one transaction, answers each waiter, and empties each
+/// journal file once everything written to it is committed.
+async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, Durability)>, journal: Option<Arc<Journal>>) {
+    // Per journal file: lines committed since it was last emptied.
+    let mut committed = [0u64; 2];
     // Charges were left waiting by a full batch: commit them without another window.
     let mut behind = false;
     while let Some(first) = rx.recv().await {
@@ -339,32 +347,33 @@ async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, W
         // steady trickle of requests shares commits. Sleeping through the window (rather than
         // waking for each charge) costs one wake-up per commit. A waiter (no journal) is
         // committed at once.
-        if first.1.is_none() && !behind {
+        if matches!(first.1, Durability::Journaled(_)) && !behind {
             tokio::time::sleep(COMMIT_WINDOW).await;
         }
-        let (mut charges, mut waiters) = (Vec::with_capacity(64), Vec::new());
+        let (mut charges, mut waiters, mut journaled) = (Vec::with_capacity(64), Vec::new(), [0u64; 2]);
         let mut next = Some(first);
-        while let Some((charge, waiter)) = next.take() {
+        while let Some((charge, durability)) = next.take() {
             charges.push(charge);
-            waiters.extend(waiter);
+            match durability {
+                Durability::Journaled(file) => journaled[file] += 1,
+                Durability::Waiting(done) => waiters.push(done),
+            }
             if charges.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
         behind = !rx.is_empty();
-        let journaled = (charges.len() - waiters.len()) as u64;
-        let result = commit_with_retry(repo.as_ref(), &charges, journaled > 0).await;
+        let result = commit_with_retry(repo.as_ref(), &charges, waiters.len() < charges.len()).await;
         if result.is_ok() {
-            committed_since_truncate += journaled;
+            committed[0] += journaled[0];
+            committed[1] += journaled[1];
         }
         for done in waiters {
             let _ = done.send(result.clone());
         }
-        if let (Some(journal), true) = (&journal, rx.is_empty()) {
-            match journal.truncate_if_committed(committed_since_truncate) {
-                Ok(true) => committed_since_truncate = 0,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "could not empty the charge journal"),
+        if let Some(journal) = &journal {
+            if let Err(e) = journal.release(&mut committed) {
+                tracing::warn!(error = %e, "could not empty the charge journal");
             }
         }
     }
