@@ -130,11 +130,12 @@ impl Journal {
     /// the lines committed since it was last emptied (and is reset for the files emptied).
     pub fn release(&self, committed: &mut [u64; 2]) -> std::io::Result<()> {
         let mut state = self.lock();
-        for i in 0..2 {
-            if state.appended[i] > 0 && state.appended[i] == committed[i] {
-                state.files[i].set_len(0)?;
-                state.appended[i] = 0;
-                committed[i] = 0;
+        let state = &mut *state;
+        for ((file, appended), committed) in state.files.iter().zip(&mut state.appended).zip(committed) {
+            if *appended > 0 && *appended == *committed {
+                file.set_len(0)?;
+                *appended = 0;
+                *committed = 0;
             }
         }
         Ok(())
