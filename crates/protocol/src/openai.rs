@@ -668,6 +668,14 @@ impl EmbeddingVector {
         Self::of(text)
     }
 
+    /// `values` as `encoding_format: "base64"` gives them: base64 of little-endian `f32`s, as
+    /// OpenAI encodes them.
+    pub fn base64_of_floats(values: &[f64]) -> EmbeddingVector {
+        use base64::Engine as _;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+        Self::base64(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
     fn of(value: &(impl Serialize + ?Sized)) -> EmbeddingVector {
         let raw = serde_json::value::to_raw_value(value);
         EmbeddingVector(raw.unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned()))

@@ -92,41 +92,15 @@ pub(crate) async fn embeddings_whole(
 fn encode_floats_as_base64(data: &mut [marga_protocol::openai::Embedding]) {
     for item in data {
         if let Some(floats) = item.embedding.to_floats() {
-            let bytes: Vec<u8> = floats.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
-            item.embedding = EmbeddingVector::base64(&base64_standard(&bytes));
+            item.embedding = EmbeddingVector::base64_of_floats(&floats);
         }
     }
 }
 
 /// RFC 4648 base64 with padding.
-fn base64_standard(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod base64_tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_rfc_4648() {
-        let cases: [(&[u8], &str); 5] = [(b"", ""), (b"f", "Zg=="), (b"fo", "Zm8="), (b"foo", "Zm9v"), (b"foobar", "Zm9vYmFy")];
-        for (input, expected) in cases {
-            assert_eq!(base64_standard(input), expected);
-        }
-    }
 
     #[test]
     fn float_vectors_become_little_endian_f32_base64() {

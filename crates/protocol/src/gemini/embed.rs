@@ -6,8 +6,6 @@
 //! OpenAI Python SDK asks for by default) each vector is sent as base64 of its little-endian
 //! `f32`s, exactly as OpenAI encodes it.
 
-use base64::Engine as _;
-
 use super::types::{BatchEmbedContentsRequest, BatchEmbedContentsResponse, Content, EmbedContentRequest, Part};
 use crate::openai::{Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingVector, Extra};
 
@@ -45,7 +43,7 @@ pub fn from_batch_embed(
             object: "embedding".to_owned(),
             index: u32::try_from(i).unwrap_or(u32::MAX),
             embedding: if base64 {
-                EmbeddingVector::base64(&encode_base64(&embedding.values))
+                EmbeddingVector::base64_of_floats(&embedding.values)
             } else {
                 EmbeddingVector::floats(&embedding.values)
             },
@@ -59,19 +57,13 @@ pub fn model_resource(model: &str) -> String {
     format!("models/{}", model.strip_prefix("models/").unwrap_or(model))
 }
 
-/// Base64 of the vector as little-endian `f32`s.
-fn encode_base64(values: &[f64]) -> String {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn base64_is_little_endian_f32() {
-        assert_eq!(encode_base64(&[1.0, -2.0]), "AACAPwAAAMA=");
+        assert_eq!(EmbeddingVector::base64_of_floats(&[1.0, -2.0]).json(), "\"AACAPwAAAMA=\"");
     }
 
     #[test]
