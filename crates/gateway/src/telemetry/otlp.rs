@@ -19,7 +19,7 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
 use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, IdGenerator as _, RandomIdGenerator, SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
 use crate::config::TelemetryConfig;
@@ -116,9 +116,9 @@ pub fn request_span(headers: &http::HeaderMap) -> Option<RequestSpan> {
         return None;
     }
     let parent = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
-    let random = uuid::Uuid::new_v4().as_u128();
-    let trace_id = parent.as_ref().map_or_else(|| TraceId::from(random), SpanContext::trace_id);
-    let span_id = SpanId::from(((random >> 64) as u64 ^ random as u64).max(1));
+    let ids = RandomIdGenerator::default();
+    let trace_id = parent.as_ref().map_or_else(|| ids.new_trace_id(), SpanContext::trace_id);
+    let span_id = ids.new_span_id();
     let flags = parent.as_ref().map_or(TraceFlags::SAMPLED, SpanContext::trace_flags);
     Some(RequestSpan { parent, trace_id, span_id, flags })
 }
