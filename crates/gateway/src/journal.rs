@@ -84,7 +84,6 @@ struct State {
 }
 
 pub struct Journal {
-    path: PathBuf,
     state: Mutex<State>,
 }
 
@@ -102,7 +101,7 @@ impl Journal {
         }
         let files = [open_append(&paths[0])?, open_append(&paths[1])?];
         let state = State { files, appended, current: 0 };
-        Ok((Journal { path: path.to_owned(), state: Mutex::new(state) }, pending))
+        Ok((Journal { state: Mutex::new(state) }, pending))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -144,10 +143,6 @@ impl Journal {
     /// Lines written to each file since it was last emptied.
     pub fn appended(&self) -> [u64; 2] {
         self.lock().appended
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
