@@ -33,6 +33,9 @@ fn parse_json_naming_the_field<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, A
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
+        // "." is the body itself; "?" a place serde could not name (a syntax error before
+        // the first key): no field to point at.
+        let path = if path == "?" { ".".to_owned() } else { path };
         let inner = e.into_inner();
         let message = match inner.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {

@@ -14,6 +14,10 @@ async fn malformed_json_is_a_400() {
     assert_eq!(error["type"], "invalid_request_error");
     assert_eq!(error["code"], "invalid_request");
     assert!(error["message"].as_str().unwrap().contains("not valid JSON"), "{error}");
+    // A syntax error before any field: no `param` to point at (not serde's "?").
+    let reply = app.post_raw("/v1/chat/completions", "{bad").await;
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    assert_eq!(reply.error()["param"], serde_json::Value::Null, "{}", reply.text);
     let reply = app.post_raw("/v1/chat/completions", "{} trailing").await;
     assert_eq!(reply.status, 400, "{}", reply.text);
     reply.error();
