@@ -10,6 +10,8 @@ pub mod error;
 pub mod gemini;
 pub mod legacy;
 pub mod openai;
+pub mod relayed;
 pub mod routing;
+pub mod sse;
 
 pub use error::ConvertError;

@@ -8,7 +8,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use eventsource_stream::Event;
+use marga_protocol::sse::Event;
 use futures::{Stream, StreamExt};
 use marga_protocol::anthropic::{
     from_messages_response, to_messages_request, MessagesRequest, MessagesResponse, StreamStep, StreamTranslator,
@@ -22,6 +22,8 @@ use marga_protocol::ConvertError;
 use crate::http::{self, Outgoing, Reply, Step};
 use ::http::header::{HeaderName, HeaderValue, ACCEPT};
 use ::http::{Method, Uri};
+use marga_protocol::relayed::ChatChunk;
+
 use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
 
 const PROTOCOL: &str = "Anthropic";
@@ -175,7 +177,7 @@ impl Provider for AnthropicProvider {
             let response = self.send(call, true).await?;
             let mut translator = StreamTranslator::new(unix_now());
             let decoded = http::decode_sse(response, move |event| decode_event(&mut translator, &event));
-            Ok(until_last(decoded).boxed() as ChunkStream)
+            Ok(until_last(decoded).map(|chunk| chunk.map(ChatChunk::from)).boxed() as ChunkStream)
         })
     }
 

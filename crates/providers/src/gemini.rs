@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use eventsource_stream::Event;
+use marga_protocol::sse::Event;
 use futures::{Stream, StreamExt};
 use marga_protocol::gemini::{self, BatchEmbedContentsResponse, GenerateContentResponse, StreamStep, StreamTranslator};
 use marga_protocol::openai::{
@@ -23,6 +23,8 @@ use serde::Serialize;
 use crate::http::{self, Reply, Step};
 use ::http::header::{HeaderName, HeaderValue, ACCEPT};
 use ::http::Method;
+use marga_protocol::relayed::ChatChunk;
+
 use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
 
 const PROTOCOL: &str = "Gemini";
@@ -74,7 +76,7 @@ impl GeminiProvider {
         let body = gemini::to_generate_content(call.request).map_err(convert_error)?;
         let response = self.post(call.upstream_model, "streamGenerateContent?alt=sse", call.api_key, &body).await?;
         let translator = StreamTranslator::new(call.upstream_model, unix_now(), completion_id(None));
-        Ok(translate_stream(http::sse_events(response), translator).boxed())
+        Ok(translate_stream(http::sse_events(response), translator).map(|chunk| chunk.map(ChatChunk::from)).boxed())
     }
 
     async fn embed(&self, call: Call<'_, EmbeddingRequest>) -> Result<EmbeddingResponse, ProviderError> {

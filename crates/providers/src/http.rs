@@ -9,10 +9,10 @@
 //! single-threaded runtime per core: a connection opened on a thread has its connection task
 //! on that thread's runtime, so a request and its upstream call never wake another thread.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri};
@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use marga_protocol::sse::{Decoder, Event};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -242,22 +243,42 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
 }
 
 /// The SSE events of a streamed response, its bytes read in batches of what arrived together
-/// ([`crate::coalesce`]); a transport error ends the stream with one `Err`.
+/// ([`crate::coalesce`]) and decoded by [`marga_protocol::sse::Decoder`]; a transport error or
+/// an undecodable stream ends it with one `Err`.
 pub(crate) fn sse_events(
     response: Reply,
 ) -> impl Stream<Item = Result<Event, ProviderError>> + Send + 'static {
-    crate::coalesce::coalesce(response.into_body()).eventsource().map(|r| {
-        r.map_err(|e| {
-            let kind = ErrorKind::StreamInterrupted;
-            ProviderError::new(kind, "upstream stream was interrupted").with_source(SseError(e.to_string()))
-        })
+    let state = SseState {
+        body: Some(crate::coalesce::coalesce(response.into_body()).boxed()),
+        decoder: Decoder::new(),
+        ready: VecDeque::new(),
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(event) = state.ready.pop_front() {
+                return Some((Ok(event), state));
+            }
+            let failure = match state.body.as_mut()?.next().await {
+                None => return None,
+                Some(Ok(bytes)) => match state.decoder.push(&bytes, &mut state.ready) {
+                    Ok(()) => continue,
+                    Err(e) => ProviderError::new(ErrorKind::StreamInterrupted, "upstream stream was undecodable").with_source(e),
+                },
+                Some(Err(e)) => ProviderError::from_body(e),
+            };
+            state.body = None;
+            return Some((Err(failure), state));
+        }
     })
 }
 
-/// A stream decoding error, kept as text (the decoder's error type is not `Sync`).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct SseError(String);
+/// The state of [`sse_events`]: the body (gone after an error), the decoder, and events
+/// decoded but not handed on yet.
+struct SseState {
+    body: Option<futures::stream::BoxStream<'static, Result<Bytes, hyper::Error>>>,
+    decoder: Decoder,
+    ready: VecDeque<Event>,
+}
 
 /// An in-band error event inside a stream (the upstream's own message, trimmed).
 pub(crate) fn in_band_error(data: &str) -> ProviderError {

@@ -29,8 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use marga_protocol::relayed::ChatChunk;
 use marga_protocol::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
     CompletionResponse, EmbeddingRequest, EmbeddingResponse,
 };
 
@@ -40,7 +41,7 @@ pub use http::with_traceparent;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The chunks of a streamed chat completion, already in OpenAI shape.
-pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send>>;
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, ProviderError>> + Send>>;
 /// The chunks of a streamed legacy completion (`text_completion` objects).
 pub type CompletionStream =
     Pin<Box<dyn Stream<Item = Result<CompletionResponse, ProviderError>> + Send>>;
@@ -154,7 +155,8 @@ pub trait Provider: Send + Sync {
             let chat = marga_protocol::legacy::completion_to_chat(call.request);
             let stream = self.chat_stream(Call { request: &chat, upstream_model: call.upstream_model, api_key: call.api_key }).await?;
             let mapped = futures::StreamExt::map(stream, |chunk| {
-                chunk.map(marga_protocol::legacy::chat_chunk_to_completion)
+                let chunk = chunk?.into_parsed().map_err(|e| ProviderError::malformed("OpenAI", e))?;
+                Ok(marga_protocol::legacy::chat_chunk_to_completion(chunk))
             });
             Ok(Box::pin(mapped) as CompletionStream)
         })

@@ -2,10 +2,11 @@
 //! Sarvam, OpenRouter, vLLM, Ollama, llama.cpp…). Bodies go out as the client sent them, with
 //! the upstream's model name written in; unknown parameters pass through untouched.
 
-use eventsource_stream::Event;
+use marga_protocol::sse::Event;
 use futures::{Stream, StreamExt};
+use marga_protocol::relayed::ChatChunk;
 use marga_protocol::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
     CompletionResponse, EmbeddingRequest, EmbeddingResponse, Outbound, StreamOptions,
 };
 use serde::de::DeserializeOwned;
@@ -121,8 +122,8 @@ impl OpenAiProvider {
     }
 }
 
-/// Decodes one OpenAI SSE event into a typed chunk.
-fn decode_event<T: DeserializeOwned>(event: Event) -> Step<T> {
+/// Decodes one OpenAI SSE event into a chunk with `parse`.
+fn decode_event<T>(event: Event, parse: fn(String) -> Result<T, serde_json::Error>) -> Step<T> {
     let data = event.data.trim();
     if data == "[DONE]" {
         return Step::Done;
@@ -133,25 +134,26 @@ fn decode_event<T: DeserializeOwned>(event: Event) -> Step<T> {
     if data.starts_with("{\"error\"") || event.event == "error" {
         return Step::Fail(http::in_band_error(data));
     }
-    // One typed parse per event. Only an event that mentions `"error"` (as a key, or as a
-    // string value) or that the typed parse refuses is looked at again as a JSON value.
-    let typed = serde_json::from_str::<T>(data);
-    if typed.is_ok() && !data.contains("\"error\"") {
-        return typed.map_or_else(|e| Step::Fail(ProviderError::malformed(PROTOCOL, e)), |c| Step::Items(vec![c]));
+    // One parse per event. Only an event that mentions `"error"` (as a key, or as a string
+    // value) is first looked at as a JSON value.
+    let text = if data.len() == event.data.len() { event.data } else { data.to_owned() };
+    if text.contains("\"error\"") {
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
+            if value.get("error").is_some_and(|e| !e.is_null()) {
+                return Step::Fail(http::in_band_error(&text));
+            }
+        }
     }
-    match serde_json::from_str::<serde_json::Value>(data) {
-        Ok(value) if value.get("error").is_some_and(|e| !e.is_null()) => Step::Fail(http::in_band_error(data)),
-        Ok(_) => typed.map_or_else(|e| Step::Fail(ProviderError::malformed(PROTOCOL, e)), |c| Step::Items(vec![c])),
-        Err(e) => Step::Fail(ProviderError::malformed(PROTOCOL, e)),
-    }
+    parse(text).map_or_else(|e| Step::Fail(ProviderError::malformed(PROTOCOL, e)), |c| Step::Items(vec![c]))
 }
 
 /// The decoded items of an OpenAI stream. It ends at `[DONE]`, after the first error, or when
 /// the upstream closes. A close before `[DONE]` with no finish reason or usage seen yet (a 2xx
 /// body that was not SSE at all, or a cut between events) is a `StreamInterrupted` error, not
 /// a quiet, empty success; a close after the finish is accepted (some servers omit `[DONE]`).
-fn decode_stream<T: DeserializeOwned + Send + 'static>(
+fn decode_stream<T: Send + 'static>(
     response: Reply,
+    parse: fn(String) -> Result<T, serde_json::Error>,
     finished: fn(&T) -> bool,
 ) -> impl Stream<Item = Result<T, ProviderError>> + Send + 'static {
     let events = http::sse_events(response).boxed();
@@ -159,7 +161,7 @@ fn decode_stream<T: DeserializeOwned + Send + 'static>(
         let (mut events, mut seen_finish) = state?;
         loop {
             let step = match events.next().await {
-                Some(Ok(event)) => decode_event::<T>(event),
+                Some(Ok(event)) => decode_event(event, parse),
                 Some(Err(e)) => Step::Fail(e),
                 None if seen_finish => Step::Done,
                 None => Step::Fail(ProviderError::new(
@@ -182,8 +184,12 @@ fn decode_stream<T: DeserializeOwned + Send + 'static>(
     .flat_map(futures::stream::iter)
 }
 
-fn chat_chunk_finished(chunk: &ChatCompletionChunk) -> bool {
-    chunk.usage.is_some() || chunk.choices.iter().any(|c| c.finish_reason.is_some())
+fn chat_chunk_finished(chunk: &ChatChunk) -> bool {
+    chunk.usage().is_some() || chunk.finish_reason().is_some()
+}
+
+fn parse_completion_chunk(json: String) -> Result<CompletionResponse, serde_json::Error> {
+    serde_json::from_str(&json)
 }
 
 fn completion_chunk_finished(chunk: &CompletionResponse) -> bool {
@@ -213,7 +219,7 @@ impl Provider for OpenAiProvider {
         Box::pin(async move {
             let options = call.request.stream_options.as_ref();
             let response = self.open_stream("/chat/completions", call, options).await?;
-            let chunks = decode_stream(response, chat_chunk_finished);
+            let chunks = decode_stream(response, ChatChunk::from_upstream_json, chat_chunk_finished);
             Ok(chunks.boxed() as ChunkStream)
         })
     }
@@ -239,7 +245,7 @@ impl Provider for OpenAiProvider {
         Box::pin(async move {
             let options = call.request.stream_options.as_ref();
             let response = self.open_stream("/completions", call, options).await?;
-            let chunks = decode_stream(response, completion_chunk_finished);
+            let chunks = decode_stream(response, parse_completion_chunk, completion_chunk_finished);
             Ok(chunks.boxed() as CompletionStream)
         })
     }

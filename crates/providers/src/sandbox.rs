@@ -13,6 +13,8 @@ use marga_protocol::openai::{
 };
 use sha2::{Digest, Sha256};
 
+use marga_protocol::relayed::ChatChunk;
+
 use crate::{BoxFuture, Call, ChunkStream, Provider, ProviderError, ProviderKind};
 
 /// Default embedding width of `sandbox/embed`.
@@ -197,7 +199,7 @@ impl Provider for SandboxProvider {
     ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
         Box::pin(async move {
             let chunks = stream_chunks(call.request, call.upstream_model);
-            Ok(futures::stream::iter(chunks.into_iter().map(Ok)).boxed() as ChunkStream)
+            Ok(futures::stream::iter(chunks.into_iter().map(|c| Ok(ChatChunk::from(c)))).boxed() as ChunkStream)
         })
     }
 

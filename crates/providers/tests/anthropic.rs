@@ -57,7 +57,8 @@ async fn collect(
     provider: &AnthropicProvider,
     request: &ChatCompletionRequest,
 ) -> Vec<Result<ChatCompletionChunk, ProviderError>> {
-    provider.chat_stream(call(request)).await.unwrap().collect().await
+    let items: Vec<_> = provider.chat_stream(call(request)).await.unwrap().collect().await;
+    items.into_iter().map(|item| item.map(|chunk| chunk.into_parsed().unwrap())).collect()
 }
 
 fn ok_chunks(items: Vec<Result<ChatCompletionChunk, ProviderError>>) -> Vec<ChatCompletionChunk> {

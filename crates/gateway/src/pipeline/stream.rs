@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use marga_protocol::openai::{
     ChatCompletionChunk, CompletionResponse, ErrorBody, ErrorEnvelope, Extra, FinishReason, Usage,
 };
+use marga_protocol::relayed::{ChatChunk, Identity};
 use marga_providers::ProviderError;
 use serde::Serialize;
 
@@ -34,52 +35,65 @@ use crate::request_log::RequestLog;
 pub type UpstreamStream<C> = Pin<Box<dyn Stream<Item = Result<C, ProviderError>> + Send>>;
 
 /// What the relay needs to know about a chunk type (chat chunks, legacy completion chunks).
-pub trait StreamChunk: Serialize + Send + 'static {
+pub trait StreamChunk: Send + 'static {
     fn has_content(&self) -> bool;
     fn usage(&self) -> Option<&Usage>;
     /// Generated text in this chunk, for counting tokens when the upstream reports none.
     fn text(&self) -> Option<&str>;
     fn finish_reason(&self) -> Option<&FinishReason>;
-    fn set_identity(&mut self, id: &str, model: &str);
+    /// Writes the chunk's JSON with the stream's `id` and `model`.
+    fn write_json(self, identity: &Identity, out: &mut Vec<u8>) -> Result<(), serde_json::Error>;
     fn set_usage(&mut self, usage: Usage);
-    fn usage_chunk(id: &str, model: &str, created: u64, usage: Usage) -> Self;
+    fn usage_chunk(identity: &Identity, created: u64, usage: Usage) -> Self;
     /// A usage-only chunk (no choices), which the relay holds back until the cost is known.
     fn is_usage_only(&self) -> bool;
 }
 
-impl StreamChunk for ChatCompletionChunk {
+impl StreamChunk for ChatChunk {
     fn has_content(&self) -> bool {
-        ChatCompletionChunk::has_content(self)
+        ChatChunk::has_content(self)
     }
     fn usage(&self) -> Option<&Usage> {
-        self.usage.as_ref()
+        ChatChunk::usage(self)
     }
     fn text(&self) -> Option<&str> {
-        self.choices.first().and_then(|c| c.delta.content.as_deref())
+        ChatChunk::text(self)
     }
     fn finish_reason(&self) -> Option<&FinishReason> {
-        self.choices.iter().find_map(|c| c.finish_reason.as_ref())
+        ChatChunk::finish_reason(self)
     }
-    fn set_identity(&mut self, id: &str, model: &str) {
-        id.clone_into(&mut self.id);
-        model.clone_into(&mut self.model);
+    fn write_json(self, identity: &Identity, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        ChatChunk::write_json(self, identity, out)
     }
     fn set_usage(&mut self, usage: Usage) {
-        self.usage = Some(usage);
+        match self {
+            ChatChunk::Parsed(chunk) => chunk.usage = Some(usage),
+            // Never held for its cost (only a parsed chunk carries usage); parsed should it be.
+            ChatChunk::Relayed(_) => {
+                if let Ok(mut parsed) = self.clone().into_parsed() {
+                    parsed.usage = Some(usage);
+                    *self = ChatChunk::Parsed(parsed);
+                }
+            }
+        }
     }
     fn is_usage_only(&self) -> bool {
-        self.usage.is_some() && self.choices.is_empty()
+        matches!(self, ChatChunk::Parsed(chunk) if chunk.usage.is_some() && chunk.choices.is_empty())
     }
-    fn usage_chunk(id: &str, model: &str, created: u64, usage: Usage) -> Self {
-        ChatCompletionChunk {
-            id: id.to_owned(),
-            object: "chat.completion.chunk".to_owned(),
-            created,
-            model: model.to_owned(),
-            choices: Vec::new(),
-            usage: Some(usage),
-            extra: Extra::new(),
-        }
+    fn usage_chunk(identity: &Identity, created: u64, usage: Usage) -> Self {
+        ChatChunk::Parsed(chat_usage_chunk(identity, created, usage))
+    }
+}
+
+fn chat_usage_chunk(identity: &Identity, created: u64, usage: Usage) -> ChatCompletionChunk {
+    ChatCompletionChunk {
+        id: identity.id().to_owned(),
+        object: "chat.completion.chunk".to_owned(),
+        created,
+        model: identity.model().to_owned(),
+        choices: Vec::new(),
+        usage: Some(usage),
+        extra: Extra::new(),
     }
 }
 
@@ -96,9 +110,10 @@ impl StreamChunk for CompletionResponse {
     fn finish_reason(&self) -> Option<&FinishReason> {
         self.choices.iter().find_map(|c| c.finish_reason.as_ref())
     }
-    fn set_identity(&mut self, id: &str, model: &str) {
-        id.clone_into(&mut self.id);
-        model.clone_into(&mut self.model);
+    fn write_json(mut self, identity: &Identity, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        identity.id().clone_into(&mut self.id);
+        identity.model().clone_into(&mut self.model);
+        serde_json::to_writer(out, &self)
     }
     fn set_usage(&mut self, usage: Usage) {
         self.usage = Some(usage);
@@ -106,12 +121,12 @@ impl StreamChunk for CompletionResponse {
     fn is_usage_only(&self) -> bool {
         self.usage.is_some() && self.choices.is_empty()
     }
-    fn usage_chunk(id: &str, model: &str, created: u64, usage: Usage) -> Self {
+    fn usage_chunk(identity: &Identity, created: u64, usage: Usage) -> Self {
         CompletionResponse {
-            id: id.to_owned(),
+            id: identity.id().to_owned(),
             object: "text_completion".to_owned(),
             created,
-            model: model.to_owned(),
+            model: identity.model().to_owned(),
             choices: Vec::new(),
             usage: Some(usage),
             extra: Extra::new(),
@@ -149,6 +164,8 @@ enum Frame<C> {
 struct Relay<C> {
     ctx: RequestCtx,
     candidate: Candidate,
+    /// The `id` and `model` every chunk is written with.
+    identity: Identity,
     log: RequestLog,
     pending: VecDeque<Frame<C>>,
     upstream: UpstreamStream<C>,
@@ -196,7 +213,9 @@ enum Cut {
 pub fn relay<C: StreamChunk>(params: RelayParams<C>) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     let ttft_ms = params.ctx.elapsed_ms();
     let deadline = Instant::now() + params.total_timeout.saturating_sub(params.ctx.started.elapsed());
+    let identity = Identity::new(&params.ctx.id, &params.candidate.model.id);
     let mut relay = Relay {
+        identity,
         ctx: params.ctx,
         candidate: params.candidate,
         log: params.log,
@@ -308,9 +327,15 @@ impl<C: StreamChunk> Relay<C> {
     fn encode(&self, frame: Frame<C>) -> Bytes {
         match frame {
             Frame::Done => Bytes::from_static(b"data: [DONE]\n\n"),
-            Frame::Chunk(mut chunk) => {
-                chunk.set_identity(&self.ctx.id, &self.candidate.model.id);
-                sse_data(&chunk)
+            Frame::Chunk(chunk) => {
+                let mut out = Vec::with_capacity(256);
+                out.extend_from_slice(b"data: ");
+                if chunk.write_json(&self.identity, &mut out).is_err() {
+                    out.truncate(b"data: ".len());
+                    out.extend_from_slice(b"{}");
+                }
+                out.extend_from_slice(b"\n\n");
+                Bytes::from(out)
             }
         }
     }
@@ -336,7 +361,7 @@ impl<C: StreamChunk> Relay<C> {
                 chunk.set_usage(usage.clone());
                 chunk
             }
-            None => C::usage_chunk(&self.ctx.id, &self.candidate.model.id, self.ctx.created, usage.clone()),
+            None => C::usage_chunk(&self.identity, self.ctx.created, usage.clone()),
         };
         self.pending.push_back(Frame::Chunk(chunk));
         self.pending.push_back(Frame::Done);

@@ -61,7 +61,7 @@ pub async fn chat_text(f: &Fixture) {
 }
 
 pub async fn chat_stream_text(f: &Fixture) {
-    let chunks = all_ok(collect(f.provider.chat_stream(call(&hello())).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(f.provider.chat_stream(call(&hello())).await.unwrap()).await);
     assert_eq!(content(&chunks), expected_reply(USER_TEXT));
     assert_complete_stream(&chunks, FinishReason::Stop);
     assert!(chunks.iter().all(|c| c.model == UPSTREAM_MODEL), "{chunks:?}");
@@ -85,7 +85,7 @@ pub async fn tool_call(f: &Fixture) {
 }
 
 pub async fn tool_call_stream(f: &Fixture) {
-    let chunks = all_ok(collect(f.provider.chat_stream(call(&tool_request())).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(f.provider.chat_stream(call(&tool_request())).await.unwrap()).await);
     let (name, arguments) = streamed_tool_call(&chunks);
     assert_eq!(name, "get_weather");
     assert_eq!(serde_json::from_str::<Value>(&arguments).unwrap(), json!({"location": "Paris"}));
@@ -102,7 +102,7 @@ pub async fn tool_round_trip(f: &Fixture) {
     assert!(text.starts_with("Tool said:"), "{text}");
     assert!(text.contains("Sunny, 21 C"), "{text}");
 
-    let chunks = all_ok(collect(f.provider.chat_stream(call(&request)).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(f.provider.chat_stream(call(&request)).await.unwrap()).await);
     assert_eq!(content(&chunks), text);
     assert_complete_stream(&chunks, FinishReason::Stop);
 }
@@ -133,7 +133,7 @@ pub async fn stop_and_max_tokens(f: &Fixture) {
     assert_eq!(text.trim_end(), "Mock reply");
     assert_eq!(response.choices[0].finish_reason, Some(FinishReason::Stop));
 
-    let chunks = all_ok(collect(f.provider.chat_stream(call(&capped)).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(f.provider.chat_stream(call(&capped)).await.unwrap()).await);
     assert_eq!(content(&chunks), "Mock reply");
     assert_complete_stream(&chunks, FinishReason::Length);
 }
@@ -202,7 +202,7 @@ pub async fn error_malformed(f: &Fixture) {
     let error = f.provider.chat(call(&hello())).await.unwrap_err();
     assert_eq!(error.kind, ErrorKind::Malformed, "{error:?}");
     assert!(error.is_retryable() && error.is_upstream_fault());
-    let items = collect(f.provider.chat_stream(call(&hello())).await.unwrap()).await;
+    let items = collect_chat(f.provider.chat_stream(call(&hello())).await.unwrap()).await;
     let (chunks, error) = ending_in_error(items);
     assert!(finish_reasons(&chunks).is_empty() && chunks.iter().all(|c| c.usage.is_none()), "{chunks:?}");
     assert_eq!(error.kind, ErrorKind::Malformed, "{error:?}");
@@ -226,7 +226,7 @@ pub async fn error_connect_refused(f: &Fixture) {
 
 pub async fn stream_cut(f: &Fixture) {
     f.mock.set_scenario(Scenario { cut_after_chunks: Some(2), ..Scenario::default() });
-    let items = collect(f.provider.chat_stream(call(&hello())).await.unwrap()).await;
+    let items = collect_chat(f.provider.chat_stream(call(&hello())).await.unwrap()).await;
     assert_eq!(items.iter().filter(|i| i.is_err()).count(), 1, "exactly one error: {items:?}");
     let (chunks, error) = ending_in_error(items);
     assert!(!chunks.is_empty(), "chunks came before the cut");
@@ -241,7 +241,7 @@ pub async fn stream_cut(f: &Fixture) {
 
 pub async fn stream_in_band_error(f: &Fixture) {
     f.mock.set_scenario(Scenario { stream_error_after_chunks: Some(2), ..Scenario::default() });
-    let items = collect(f.provider.chat_stream(call(&hello())).await.unwrap()).await;
+    let items = collect_chat(f.provider.chat_stream(call(&hello())).await.unwrap()).await;
     assert_eq!(items.iter().filter(|i| i.is_err()).count(), 1, "exactly one error: {items:?}");
     let (chunks, error) = ending_in_error(items);
     assert_eq!(error.kind, ErrorKind::StreamInterrupted, "{error:?}");
@@ -266,7 +266,7 @@ pub async fn api_key_override(f: &Fixture) {
     let request = hello();
     f.provider.chat(byok(&request)).await.unwrap();
     f.assert_sent_key(OVERRIDE_KEY);
-    all_ok(collect(f.provider.chat_stream(byok(&request)).await.unwrap()).await);
+    all_ok(collect_chat(f.provider.chat_stream(byok(&request)).await.unwrap()).await);
     f.assert_sent_key(OVERRIDE_KEY);
     let legacy = completion_request(json!({"prompt": "Say this"}));
     f.provider.completions(byok(&legacy)).await.unwrap();

@@ -53,7 +53,7 @@ async fn unknown_parameters_reach_the_upstream_untouched() {
     assert_eq!(body["messages"], json!([{"role": "user", "content": USER_TEXT}]));
     assert!(body.get("stream").is_none() && body.get("stream_options").is_none(), "{body}");
 
-    all_ok(collect(provider.chat_stream(call(&request)).await.unwrap()).await);
+    all_ok(collect_chat(provider.chat_stream(call(&request)).await.unwrap()).await);
     let body = sent_body(&mock);
     for (name, value) in extra.as_object().unwrap() {
         assert_eq!(&body[name], value, "{name}");
@@ -74,7 +74,7 @@ async fn a_client_stream_flag_or_options_never_reach_a_non_stream_call() {
 #[tokio::test]
 async fn include_usage_is_injected_when_the_upstream_supports_it() {
     let (mock, provider) = setup(|s| s.supports_stream_usage = true).await;
-    let chunks = all_ok(collect(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
     assert_eq!(sent_body(&mock)["stream_options"], json!({"include_usage": true}));
     assert_complete_stream(&chunks, FinishReason::Stop);
 }
@@ -82,7 +82,7 @@ async fn include_usage_is_injected_when_the_upstream_supports_it() {
 #[tokio::test]
 async fn include_usage_is_not_injected_when_unsupported() {
     let (mock, provider) = setup(|s| s.supports_stream_usage = false).await;
-    let items = collect(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await;
+    let items = collect_chat(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await;
     let chunks = all_ok(items);
     assert!(sent_body(&mock).get("stream_options").is_none(), "{}", sent_body(&mock));
     assert_eq!(content(&chunks), expected_reply(USER_TEXT));
@@ -95,7 +95,7 @@ async fn include_usage_is_not_injected_when_unsupported() {
 async fn an_upstream_that_ignores_include_usage_still_ends_cleanly() {
     let (mock, provider) = setup(|s| s.supports_stream_usage = true).await;
     mock.set_scenario(Scenario { omit_stream_usage: true, ..Scenario::default() });
-    let chunks = all_ok(collect(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
     assert_eq!(content(&chunks), expected_reply(USER_TEXT));
     assert_eq!(finish_reasons(&chunks), [FinishReason::Stop]);
     assert!(chunks.iter().all(|c| c.usage.is_none()));
@@ -107,13 +107,13 @@ async fn client_stream_options_are_kept() {
     let request = hello(options);
 
     let (mock, provider) = setup(|s| s.supports_stream_usage = true).await;
-    let chunks = all_ok(collect(provider.chat_stream(call(&request)).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(provider.chat_stream(call(&request)).await.unwrap()).await);
     let sent = sent_body(&mock)["stream_options"].clone();
     assert_eq!(sent, json!({"include_usage": true, "include_obfuscation": false, "x_vendor": 1}));
     assert!(chunks.last().unwrap().usage.is_some());
 
     let (mock, provider) = setup(|s| s.supports_stream_usage = false).await;
-    all_ok(collect(provider.chat_stream(call(&request)).await.unwrap()).await);
+    all_ok(collect_chat(provider.chat_stream(call(&request)).await.unwrap()).await);
     let sent = sent_body(&mock)["stream_options"].clone();
     assert_eq!(sent, json!({"include_usage": false, "include_obfuscation": false, "x_vendor": 1}));
 }
@@ -161,7 +161,7 @@ async fn static_headers_are_sent_on_every_call() {
     };
     provider.chat(call(&hello(json!({})))).await.unwrap();
     check(&mock);
-    all_ok(collect(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
+    all_ok(collect_chat(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
     check(&mock);
     provider.embeddings(call(&embedding_request(json!({"input": "x"})))).await.unwrap();
     check(&mock);
@@ -272,7 +272,7 @@ async fn raw_provider(body: String) -> Arc<dyn Provider> {
 /// A stream from a raw upstream that must end in one error: the chunks before it, and the error.
 async fn in_band_error(body: String) -> (Vec<ChatCompletionChunk>, ProviderError) {
     let provider = raw_provider(body).await;
-    let items = collect(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await;
+    let items = collect_chat(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await;
     assert_eq!(items.iter().filter(|i| i.is_err()).count(), 1, "exactly one error: {items:?}");
     ending_in_error(items)
 }
@@ -314,7 +314,7 @@ async fn a_null_error_field_is_not_an_error_and_done_ends_the_stream() {
         data(&json!({"error": {"message": "after the end"}})),
     ];
     let provider = raw_provider(body.concat()).await;
-    let chunks = all_ok(collect(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
     assert_eq!(content(&chunks), "Hello");
     assert_eq!(finish_reasons(&chunks), [FinishReason::Stop]);
 }
@@ -326,7 +326,7 @@ async fn a_stream_closed_before_it_finished_is_an_error() {
     // Content, then a clean close with neither a finish reason nor `[DONE]`.
     for body in [not_sse.clone(), first_chunk()] {
         let provider = raw_provider(body).await;
-        let items = collect(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await;
+        let items = collect_chat(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await;
         assert_eq!(items.iter().filter(|i| i.is_err()).count(), 1, "{items:?}");
         let (_, error) = ending_in_error(items);
         assert_eq!(error.kind, ErrorKind::StreamInterrupted, "{error:?}");
@@ -341,6 +341,6 @@ async fn a_stream_closed_before_it_finished_is_an_error() {
 async fn a_finished_stream_without_done_ends_cleanly() {
     let body = [chunk(json!({"role": "assistant", "content": "Hi"}), None), chunk(json!({}), Some("stop"))];
     let provider = raw_provider(body.concat()).await;
-    let chunks = all_ok(collect(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(provider.chat_stream(call(&hello(json!({})))).await.unwrap()).await);
     assert_eq!((content(&chunks).as_str(), finish_reasons(&chunks)), ("Hi", vec![FinishReason::Stop]));
 }

@@ -44,7 +44,7 @@ async fn chat() {
 async fn stream_matches_chat() {
     let provider = sandbox();
     let full = provider.chat(call(&hello())).await.unwrap();
-    let chunks = all_ok(collect(provider.chat_stream(call(&hello())).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(provider.chat_stream(call(&hello())).await.unwrap()).await);
     assert_eq!(content(&chunks), full.choices[0].message.content.clone().unwrap());
     assert_complete_stream(&chunks, FinishReason::Stop);
     assert_eq!(chunks.last().unwrap().usage, full.usage);
@@ -61,7 +61,7 @@ async fn tool_call_when_tools_are_declared() {
     assert_eq!(calls[0].function.name, "get_weather");
     assert!(serde_json::from_str::<Value>(&calls[0].function.arguments).unwrap().is_object());
 
-    let chunks = all_ok(collect(provider.chat_stream(call(&request)).await.unwrap()).await);
+    let chunks = all_ok(collect_chat(provider.chat_stream(call(&request)).await.unwrap()).await);
     let (name, arguments) = streamed_tool_call(&chunks);
     assert_eq!(name, "get_weather");
     assert!(serde_json::from_str::<Value>(&arguments).unwrap().is_object());

@@ -7,6 +7,7 @@ use futures::StreamExt;
 use marga_protocol::openai::{
     ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, FinishReason, Usage,
 };
+use marga_protocol::relayed::ChatChunk;
 use marga_providers::{Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
 use mock_upstream::MockUpstream;
 use serde_json::Value;
@@ -137,6 +138,13 @@ pub async fn collect<T>(
     stream: std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, ProviderError>> + Send>>,
 ) -> Vec<Result<T, ProviderError>> {
     tokio::time::timeout(Duration::from_secs(5), stream.collect()).await.expect("stream did not end")
+}
+
+/// Every item of a chat stream, chunks parsed whole (relayed ones are kept as text), with a
+/// time limit.
+pub async fn collect_chat(stream: ChunkStream) -> Vec<Result<ChatCompletionChunk, ProviderError>> {
+    let parse = |item: Result<ChatChunk, ProviderError>| item.map(|chunk| chunk.into_parsed().unwrap());
+    collect(stream).await.into_iter().map(parse).collect()
 }
 
 /// The error a stream fails to open with.
