@@ -10,6 +10,12 @@
 //!   generated at first start into `<data_dir>/secrets.key` (mode 0600) and reused after.
 //!   With Postgres the key must be given (config refuses to start without it): every instance
 //!   must open what another sealed.
+//! - **Fingerprints.** A value stored only to be compared with a later one (a native batch's
+//!   request hash, whose body holds its webhook secret) is [`Secrets::fingerprint`]: hex
+//!   HMAC-SHA256 under a key derived from the data key for this purpose alone (the HMAC of a
+//!   fixed label), never a plain hash, which would let whoever reads the database guess a weak
+//!   secret offline. Under another data key the fingerprints differ (as sealed values do not
+//!   open).
 //!
 //! Neither the key nor a plaintext ever appears in an error or a log line.
 
@@ -21,6 +27,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use chacha20poly1305::aead::Aead;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 /// The environment variable that holds the data key.
 pub const KEY_ENV: &str = "MARGA_SECRETS_KEY";
@@ -30,6 +38,8 @@ pub const KEY_FILE: &str = "secrets.key";
 const V1: &str = "v1:";
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
+/// The label the fingerprint key is derived under: that key is HMAC-SHA256(data key, label).
+const FINGERPRINT_LABEL: &[u8] = b"marga/fingerprint-key/v1";
 
 /// The 32-byte data key. Its `Debug` shows nothing of it.
 #[derive(Clone, PartialEq, Eq)]
@@ -151,9 +161,12 @@ pub enum OpenError {
     NotText(#[source] std::string::FromUtf8Error),
 }
 
-/// Seals and opens secrets with the data key.
+/// Seals and opens secrets with the data key, and fingerprints values with a key derived
+/// from it.
 pub struct Secrets {
     cipher: ChaCha20Poly1305,
+    /// HMAC-SHA256 keyed with the fingerprint key, cloned for each fingerprint.
+    fingerprinter: Hmac<Sha256>,
 }
 
 impl fmt::Debug for Secrets {
@@ -164,7 +177,14 @@ impl fmt::Debug for Secrets {
 
 impl Secrets {
     pub fn new(key: &SecretsKey) -> Secrets {
-        Secrets { cipher: ChaCha20Poly1305::new(Key::from_slice(&key.0)) }
+        let derived: [u8; 32] = hmac_sha256(&key.0).chain_update(FINGERPRINT_LABEL).finalize().into_bytes().into();
+        Secrets { cipher: ChaCha20Poly1305::new(Key::from_slice(&key.0)), fingerprinter: hmac_sha256(&derived) }
+    }
+
+    /// The hex HMAC-SHA256 of `bytes` under the fingerprint key: the same for the same bytes
+    /// under one data key, and no help in guessing `bytes` to whoever holds it without the key.
+    pub fn fingerprint(&self, bytes: &[u8]) -> String {
+        hex::encode(self.fingerprinter.clone().chain_update(bytes).finalize().into_bytes())
     }
 
     /// `v1:<base64 of nonce ‖ ciphertext ‖ tag>`, with a fresh random nonce.
@@ -191,6 +211,14 @@ impl Secrets {
         let plain = self.cipher.decrypt(Nonce::from_slice(nonce), sealed).map_err(|_| OpenError::Refused)?;
         String::from_utf8(plain).map_err(OpenError::NotText)
     }
+}
+
+/// HMAC-SHA256 keyed with 32 bytes. HMAC pads a key shorter than SHA-256's 64-byte block with
+/// zeros (RFC 2104), so the padded block is the same key, given to the infallible constructor.
+fn hmac_sha256(key: &[u8; 32]) -> Hmac<Sha256> {
+    let mut block = hmac::digest::Key::<Hmac<Sha256>>::default();
+    block[..key.len()].copy_from_slice(key);
+    <Hmac<Sha256> as KeyInit>::new(&block)
 }
 
 #[cfg(test)]
@@ -240,6 +268,27 @@ mod tests {
     #[test]
     fn a_value_without_the_prefix_is_legacy_plaintext() {
         assert_eq!(secrets().open("whsec-written-before").unwrap(), "whsec-written-before");
+    }
+
+    #[test]
+    fn fingerprints_are_deterministic_keyed_and_not_a_plain_hash() {
+        use sha2::Digest;
+        let key = SecretsKey::generate();
+        let s = Secrets::new(&key);
+        let body = br#"{"items":[],"webhook":{"secret":"weak","url":"https://hooks.example/x"}}"#;
+        let print = s.fingerprint(body);
+        assert_eq!((print.len(), print.bytes().all(|b| b.is_ascii_hexdigit())), (64, true), "{print}");
+        assert_eq!(Secrets::new(&key).fingerprint(body), print, "the same under one data key");
+        assert_ne!(s.fingerprint(b"{}"), print);
+        assert_ne!(secrets().fingerprint(body), print, "another data key, another fingerprint");
+        assert_ne!(print, hex::encode(sha2::Sha256::digest(body)), "not the plain SHA-256");
+        let mac = |key: &[u8], bytes: &[u8]| {
+            let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap();
+            hex::encode(mac.chain_update(bytes).finalize().into_bytes())
+        };
+        assert_ne!(print, mac(&key.0, body), "the data key itself is not the fingerprint key");
+        let derived = hex::decode(mac(&key.0, FINGERPRINT_LABEL)).unwrap();
+        assert_eq!(print, mac(&derived, body), "HMAC under HMAC(data key, label)");
     }
 
     #[test]

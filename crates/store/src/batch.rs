@@ -51,7 +51,8 @@ pub struct BatchRecord {
     pub expires_at_ms: i64,
     /// Native batches: the client's `Idempotency-Key` (unique per organisation)…
     pub idempotency_key: Option<String>,
-    /// …and the SHA-256 of the request it came with.
+    /// …and the fingerprint of the request it came with (keyed HMAC-SHA256; the plain SHA-256
+    /// for batches created before fingerprints were keyed).
     pub request_hash: Option<String>,
     /// The batch's own delivery webhook, if it was given one.
     pub webhook_url: Option<String>,

@@ -103,9 +103,33 @@ pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<String, ApiErr
     Ok(key.to_owned())
 }
 
+/// What a batch stores to recognise a replay of the create that made it.
+struct RequestHash {
+    /// Stored: the body's keyed fingerprint ([`crate::secrets::Secrets::fingerprint`]). The
+    /// body holds the webhook's secret; a plain hash would let whoever reads the database guess
+    /// a weak secret offline.
+    keyed: String,
+    /// The body's plain SHA-256, which batches created before hashes were keyed stored. Still
+    /// accepted when comparing, so that a create retried across the upgrade gets its batch back
+    /// rather than a 409; comparing with it reveals nothing those rows do not already hold, and
+    /// it is never stored any more.
+    legacy: String,
+}
+
+impl RequestHash {
+    fn of(state: &AppState, body: &Value) -> RequestHash {
+        let text = body.to_string();
+        RequestHash { keyed: state.secrets.fingerprint(text.as_bytes()), legacy: hex::encode(Sha256::digest(text.as_bytes())) }
+    }
+
+    fn matches(&self, stored: Option<&str>) -> bool {
+        stored.is_some_and(|stored| stored == self.keyed || stored == self.legacy)
+    }
+}
+
 /// Creates a native batch, or returns the one this key already created (`true`: a replay).
 pub async fn create(state: &AppState, principal: &Principal, key: String, body: Value) -> Result<(BatchRecord, bool), ApiError> {
-    let hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
+    let hash = RequestHash::of(state, &body);
     if let Some(existing) = replay(state, principal, &key, &hash).await? {
         return Ok((existing, true));
     }
@@ -141,7 +165,7 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         in_progress_at_ms: Some(now),
         expires_at_ms: now + window_ms,
         idempotency_key: Some(key.clone()),
-        request_hash: Some(hash.clone()),
+        request_hash: Some(hash.keyed.clone()),
         webhook_url: request.webhook.as_ref().map(|w| w.url.clone()),
         webhook_secret,
         credit_lease_id: lease,
@@ -150,12 +174,18 @@ pub async fn create(state: &AppState, principal: &Principal, key: String, body: 
         rejected_lanes: choice.rejected,
         ..BatchRecord::default()
     };
-    store_or_replay(state, principal, batch, &items).await
+    store_or_replay(state, principal, batch, &items, &hash).await
 }
 
 /// Stores the new batch; when a concurrent create with the same key won the unique index,
 /// gives the credit lease back and returns that batch (`true`: a replay).
-async fn store_or_replay(state: &AppState, principal: &Principal, batch: BatchRecord, items: &[NewItem]) -> Result<(BatchRecord, bool), ApiError> {
+async fn store_or_replay(
+    state: &AppState,
+    principal: &Principal,
+    batch: BatchRecord,
+    items: &[NewItem],
+    hash: &RequestHash,
+) -> Result<(BatchRecord, bool), ApiError> {
     let Err(e) = state.batches.store.create_batch(&batch, items).await else {
         state.batches.wake.notify_waiters();
         return Ok((batch, false));
@@ -163,17 +193,17 @@ async fn store_or_replay(state: &AppState, principal: &Principal, batch: BatchRe
     if let Some(lease) = &batch.credit_lease_id {
         let _ = state.admission.ledger.repo().close_lease(lease).await;
     }
-    let (key, hash) = (batch.idempotency_key.unwrap_or_default(), batch.request_hash.unwrap_or_default());
-    match replay(state, principal, &key, &hash).await? {
+    let key = batch.idempotency_key.unwrap_or_default();
+    match replay(state, principal, &key, hash).await? {
         Some(existing) => Ok((existing, true)),
         None => Err(store_error(e)),
     }
 }
 
-async fn replay(state: &AppState, principal: &Principal, key: &str, hash: &str) -> Result<Option<BatchRecord>, ApiError> {
+async fn replay(state: &AppState, principal: &Principal, key: &str, hash: &RequestHash) -> Result<Option<BatchRecord>, ApiError> {
     let found = state.batches.store.find_batch_by_key(&principal.org.id, key).await.map_err(store_error)?;
     match found {
-        Some(b) if b.request_hash.as_deref() == Some(hash) => Ok(Some(b)),
+        Some(b) if hash.matches(b.request_hash.as_deref()) => Ok(Some(b)),
         Some(_) => Err(ApiError::Conflict {
             code: "idempotency_key_reused",
             message: "this Idempotency-Key was used with a different request".to_owned(),

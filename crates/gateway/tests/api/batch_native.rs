@@ -1,7 +1,8 @@
 //! BatchRouter's native batches end to end: the required `Idempotency-Key` (replay, 409 on a
 //! different payload, 400 without it), preflight errors in `error.details.preflight`, inline
 //! items and file items run by the worker, stable cursor paging of results, the billing
-//! receipt, and signed artifact URLs (valid, tampered, expired), all tenant-isolated.
+//! receipt, and signed artifact URLs (valid, tampered, expired), all tenant-isolated. The
+//! stored request hash is keyed, and a plain one stored by an earlier version still replays.
 
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,46 @@ async fn idempotency_key_is_required_replays_and_refuses_a_different_payload() {
     assert_eq!(theirs.status, 201);
     assert_ne!(theirs.body["batch"]["id"], first.body["batch"]["id"]);
     assert_eq!(get(&app, &key, "/v1/batches").await.body["data"].as_array().unwrap().len(), 1);
+}
+
+/// The plain SHA-256 of a create's body, as batches stored it before request hashes were keyed.
+fn plain_hash(body: &Value) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()))
+}
+
+#[tokio::test]
+async fn the_request_hash_is_keyed_and_a_plain_hash_stored_earlier_still_replays() {
+    let app = spawn_app().await;
+    let (org, key) = funded(&app).await;
+    let body = json!({"items": [item("a", "one")]});
+    let first = create(&app, &key, Some("keyed-hash-0001"), &body).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let stored = app.store.get_batch(&org, first.body["batch"]["id"].as_str().unwrap()).await.unwrap().unwrap();
+    let hash = stored.request_hash.unwrap_or_default();
+    assert!(hash.len() == 64 && hash != plain_hash(&body), "{hash}: not the plain SHA-256 of the body");
+    // A batch stored by an earlier version, with the body's plain SHA-256: it still replays.
+    let earlier = json!({"items": [item("b", "two")]});
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let legacy = marga_store::BatchRecord {
+        id: format!("batch_{}", uuid::Uuid::now_v7().simple()),
+        org_id: org.clone(),
+        key_id: "earlier".to_owned(),
+        endpoint: "native".to_owned(),
+        completion_window: "24h".to_owned(),
+        status: "completed".to_owned(),
+        created_at_ms: now,
+        completed_at_ms: Some(now),
+        expires_at_ms: now + 86_400_000,
+        idempotency_key: Some("plain-hash-0001".to_owned()),
+        request_hash: Some(plain_hash(&earlier)),
+        ..marga_store::BatchRecord::default()
+    };
+    app.store.create_batch(&legacy, &[]).await.unwrap();
+    let replay = create(&app, &key, Some("plain-hash-0001"), &earlier).await;
+    assert_eq!((replay.status, replay.body["batch"]["id"].as_str()), (200, Some(legacy.id.as_str())), "{}", replay.body);
+    let changed = create(&app, &key, Some("plain-hash-0001"), &body).await;
+    assert_eq!((changed.status, changed.body["error"]["code"].as_str()), (409, Some("idempotency_key_reused")));
 }
 
 #[tokio::test]

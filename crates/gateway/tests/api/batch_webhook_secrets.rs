@@ -1,6 +1,7 @@
 //! Webhook secrets at rest: a batch's secret and the organisation's default are stored sealed
 //! (their plaintext is nowhere in the data directory or the database), deliveries are still
-//! signed with the plaintext, and secrets stored in plaintext before sealing keep working.
+//! signed with the plaintext (and the batch's request hash is keyed, not a plain hash of a body
+//! holding the secret), and secrets stored in plaintext before sealing keep working.
 //! The binary refuses to start on Postgres without a secrets key.
 
 use serde_json::{json, Value};
@@ -17,7 +18,8 @@ async fn webhook_secrets_are_stored_sealed_and_still_sign_deliveries() {
     let (key, _) = new_key(&app, &management, json!({"name": "hooks"})).await;
     let (url, received) = receiver(0).await;
     let secret = "whsec-batch-plaintext-7c1e9a";
-    let created = create(&app, &key, "sealed-hook-1", &json!({"items": items(2), "webhook": {"url": url, "secret": secret}})).await;
+    let body = json!({"items": items(2), "webhook": {"url": url, "secret": secret}});
+    let created = create(&app, &key, "sealed-hook-1", &body).await;
     assert_eq!(created.status, 201, "{}", created.body);
     let id = created.body["batch"]["id"].as_str().unwrap().to_owned();
     let got = wait_deliveries(&received, 1).await;
@@ -35,6 +37,8 @@ async fn webhook_secrets_are_stored_sealed_and_still_sign_deliveries() {
     // What the store holds: sealed values, and no plaintext anywhere.
     let batch = app.store.get_batch(&org, &id).await.unwrap().unwrap();
     assert!(batch.webhook_secret.as_deref().is_some_and(|s| s.starts_with("v1:")), "{:?}", batch.webhook_secret);
+    let plain = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.to_string().as_bytes()));
+    assert!(batch.request_hash.as_deref().is_some_and(|h| h != plain), "the request hash is keyed, not a plain hash of the secret");
     let event: Value = serde_json::from_str(&got[0].1).unwrap();
     let delivery = app.store.get_delivery(event["id"].as_str().unwrap()).await.unwrap().unwrap();
     assert!(delivery.secret.starts_with("v1:"), "the queued delivery holds the sealed secret");

@@ -1,0 +1,196 @@
+//! Orgs, keys and workspaces: creation, listing order, updates, change feeds and isolation
+//! between organisations.
+
+use marga_store::{KeyRecord, OrgRecord, WorkspaceRecord};
+
+use crate::backend::Ctx;
+use crate::fixtures::{key, org};
+
+pub(crate) async fn orgs_and_keys(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("b")).await.unwrap();
+    repos
+        .create_org(&OrgRecord {
+            created_at_ms: 500,
+            ..org("a")
+        })
+        .await
+        .unwrap();
+    assert!(repos.create_org(&org("a")).await.is_err(), "duplicate org id");
+    assert_eq!(repos.get_org("b").await.unwrap(), Some(org("b")));
+    assert_eq!(repos.get_org("zz").await.unwrap(), None);
+    let ids: Vec<_> = repos.list_orgs().await.unwrap().into_iter().map(|o| o.id).collect();
+    assert_eq!(ids, ["a", "b"]);
+
+    let full = KeyRecord {
+        workspace_id: Some("ws".into()),
+        limit_nanos: Some(5_000_000_000),
+        limit_reset: Some("monthly".into()),
+        rpm_limit: Some(60),
+        daily_limit: Some(200),
+        budget_nanos: Some(9_007_199_254_740_993),
+        trial: true,
+        disabled: false,
+        expires_at_ms: Some(99_999),
+        ..key("k1", "a", 10)
+    };
+    repos.create_key(&full).await.unwrap();
+    repos.create_key(&key("k2", "a", 20)).await.unwrap();
+    repos.create_key(&key("k3", "a", 30)).await.unwrap();
+    assert!(repos.create_key(&key("k1", "a", 40)).await.is_err(), "duplicate key id");
+    assert_eq!(repos.get_key("k1").await.unwrap(), Some(full.clone()));
+    assert_eq!(repos.get_key("nope").await.unwrap(), None);
+
+    // Newest first.
+    let listed: Vec<_> = repos.list_keys("a").await.unwrap().into_iter().map(|k| k.id).collect();
+    assert_eq!(listed, ["k3", "k2", "k1"]);
+
+    // Replace every field; revoke k2.
+    let changed = KeyRecord {
+        name: "renamed".into(),
+        disabled: true,
+        limit_nanos: None,
+        updated_at_ms: 50,
+        ..full
+    };
+    assert!(repos.update_key(&changed).await.unwrap());
+    assert_eq!(repos.get_key("k1").await.unwrap(), Some(changed));
+    let revoked = KeyRecord {
+        revoked_at_ms: Some(60),
+        updated_at_ms: 60,
+        ..key("k2", "a", 20)
+    };
+    assert!(repos.update_key(&revoked).await.unwrap());
+    assert!(!repos.update_key(&key("ghost", "a", 1)).await.unwrap());
+
+    let listed: Vec<_> = repos.list_keys("a").await.unwrap().into_iter().map(|k| k.id).collect();
+    assert_eq!(listed, ["k3", "k1"], "revoked keys are not listed");
+
+    // Revoked keys are reported, oldest change first, strictly after `since`.
+    let changed: Vec<_> = repos
+        .keys_changed_since(30)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.id, k.revoked_at_ms))
+        .collect();
+    assert_eq!(changed, [("k1".to_owned(), None), ("k2".to_owned(), Some(60))]);
+    assert_eq!(repos.keys_changed_since(0).await.unwrap().len(), 3);
+    assert!(repos.keys_changed_since(60).await.unwrap().is_empty());
+}
+
+pub(crate) async fn keys_are_isolated_between_orgs(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    repos.create_key(&key("kb", "b", 10)).await.unwrap();
+
+    // Org A addresses B's key through its own scope: nothing happens.
+    let hijack = KeyRecord {
+        name: "mine now".into(),
+        revoked_at_ms: Some(99),
+        ..key("kb", "a", 10)
+    };
+    assert!(!repos.update_key(&hijack).await.unwrap());
+    assert_eq!(repos.get_key("kb").await.unwrap(), Some(key("kb", "b", 10)));
+    assert!(repos.list_keys("a").await.unwrap().is_empty());
+    assert_eq!(repos.list_keys("b").await.unwrap().len(), 1);
+}
+
+pub(crate) async fn workspaces_crud_isolation_and_key_detach(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    let ws = WorkspaceRecord {
+        id: "w1".into(),
+        org_id: "a".into(),
+        name: "Research".into(),
+        monthly_budget_nanos: Some(7),
+        created_at_ms: 10,
+    };
+    repos.create_workspace(&ws).await.unwrap();
+    repos
+        .create_workspace(&WorkspaceRecord {
+            id: "w2".into(),
+            created_at_ms: 20,
+            ..ws.clone()
+        })
+        .await
+        .unwrap();
+    repos
+        .create_workspace(&WorkspaceRecord {
+            id: "wb".into(),
+            org_id: "b".into(),
+            ..ws.clone()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<_> = repos
+        .list_workspaces("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, ["w1", "w2"]);
+
+    // B cannot touch A's workspace.
+    let hijack = WorkspaceRecord {
+        org_id: "b".into(),
+        name: "pwned".into(),
+        ..ws.clone()
+    };
+    assert!(!repos.update_workspace(&hijack).await.unwrap());
+    assert!(!repos.delete_workspace("b", "w1").await.unwrap());
+    assert_eq!(repos.list_workspaces("a").await.unwrap()[0], ws);
+
+    let renamed = WorkspaceRecord {
+        name: "R&D".into(),
+        monthly_budget_nanos: None,
+        ..ws.clone()
+    };
+    assert!(repos.update_workspace(&renamed).await.unwrap());
+    assert_eq!(repos.list_workspaces("a").await.unwrap()[0], renamed);
+
+    // Deleting a workspace detaches its keys and reports them as changed.
+    repos
+        .create_key(&KeyRecord {
+            workspace_id: Some("w1".into()),
+            ..key("k1", "a", 10)
+        })
+        .await
+        .unwrap();
+    repos
+        .create_key(&KeyRecord {
+            workspace_id: Some("w2".into()),
+            ..key("k2", "a", 10)
+        })
+        .await
+        .unwrap();
+    assert!(repos.delete_workspace("a", "w1").await.unwrap());
+    assert!(!repos.delete_workspace("a", "w1").await.unwrap());
+    let k1 = repos.get_key("k1").await.unwrap().unwrap();
+    assert_eq!(k1.workspace_id, None);
+    assert!(k1.updated_at_ms > 10);
+    let changed: Vec<_> = repos
+        .keys_changed_since(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(changed, ["k1"]);
+    assert_eq!(
+        repos.get_key("k2").await.unwrap().unwrap().workspace_id.as_deref(),
+        Some("w2")
+    );
+    let ids: Vec<_> = repos
+        .list_workspaces("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, ["w2"]);
+    assert_eq!(repos.list_workspaces("b").await.unwrap().len(), 1);
+}

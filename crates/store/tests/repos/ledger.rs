@@ -1,0 +1,317 @@
+//! The ledger: idempotent appends, exact balances, paging, charges under credit leases, lease
+//! opening races and expiry, and spend per org and key.
+
+use std::sync::Arc;
+
+use marga_store::LedgerEntry;
+
+use crate::backend::Ctx;
+use crate::fixtures::{charge, funded_org, lease, line, now_ms, org};
+
+pub(crate) async fn ledger_append_is_idempotent_and_balance_exact(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    assert_eq!(repos.balance("a").await.unwrap(), 0);
+    assert_eq!(repos.append(&[]).await.unwrap(), 0);
+
+    // 2^53 + 1 is not representable as an f64: a float anywhere on the way would show.
+    let big = 9_007_199_254_740_993_i64;
+    let lines = vec![
+        line("a", "topup", "pay_1", big, 1_000),
+        line("a", "grant", "welcome", 100_000_000, 1_001),
+        line("a", "charge", "gen_1", -200_000_001, 1_002),
+        line("a", "topup", "pay_1", big, 1_003), // the same line again, in the same batch
+        line("a", "refund", "gen_1", 1, 1_004),  // same reference, another kind: a new line
+        line("b", "topup", "pay_1", 5, 1_005),   // same reference, another org: a new line
+    ];
+    assert_eq!(repos.append(&lines).await.unwrap(), 5);
+    assert_eq!(
+        repos.append(&lines).await.unwrap(),
+        0,
+        "appending the same lines again is a no-op"
+    );
+    assert_eq!(repos.append(&lines[..1]).await.unwrap(), 0);
+    assert_eq!(repos.balance("a").await.unwrap(), big + 100_000_000 - 200_000_001 + 1);
+    assert_eq!(repos.balance("b").await.unwrap(), 5);
+    assert_eq!(
+        repos.totals("a").await.unwrap(),
+        (big + 100_000_000 - 200_000_001 + 1, 200_000_001),
+        "(balance, charges) together"
+    );
+    assert_eq!(repos.totals("b").await.unwrap(), (5, 0));
+    assert_eq!(repos.totals("nobody").await.unwrap(), (0, 0));
+    assert_eq!(
+        repos.available("a", 2_000).await.unwrap(),
+        big + 100_000_000 - 200_000_001 + 1
+    );
+
+    // Many lines in one call (more than one INSERT statement), and the balance is their sum.
+    let many: Vec<_> = (0..1234)
+        .map(|i| line("b", "charge", &format!("gen_{i}"), -(i * 1_000 + 7), 2_000 + i))
+        .collect();
+    assert_eq!(repos.append(&many).await.unwrap(), 1234);
+    let expected = 5 - (0..1234).map(|i| i * 1_000 + 7).sum::<i64>();
+    assert_eq!(repos.balance("b").await.unwrap(), expected);
+    assert_eq!(ctx.reopen().await.balance("b").await.unwrap(), expected);
+}
+
+pub(crate) async fn ledger_entries_page_newest_first(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    let lines: Vec<_> = (0..5)
+        .map(|i| line("a", "charge", &format!("g{i}"), -i, 100 + i))
+        .collect();
+    repos.append(&lines).await.unwrap();
+    repos.append(&[line("b", "charge", "x", -1, 1)]).await.unwrap();
+
+    let first = repos.entries("a", None, 3).await.unwrap();
+    let refs: Vec<_> = first.iter().map(|e| e.reference.as_str()).collect();
+    assert_eq!(refs, ["g4", "g3", "g2"]);
+    assert!(first[0].id > first[1].id);
+    assert_eq!(
+        first[0],
+        LedgerEntry {
+            id: first[0].id,
+            ..lines[4].clone()
+        }
+    );
+    let rest = repos.entries("a", Some(first[2].id), 10).await.unwrap();
+    let refs: Vec<_> = rest.iter().map(|e| e.reference.as_str()).collect();
+    assert_eq!(refs, ["g1", "g0"]);
+    assert!(repos.entries("a", Some(rest[1].id), 10).await.unwrap().is_empty());
+    assert_eq!(repos.entries("b", None, 10).await.unwrap().len(), 1);
+}
+
+pub(crate) async fn charge_is_idempotent_and_bumps_lease_usage(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    funded_org(repos, "a", 1_000).await;
+    funded_org(repos, "b", 1_000).await;
+    let now = now_ms();
+    assert!(repos
+        .open_lease(&lease("l1", "a", 500, now, now + 60_000))
+        .await
+        .unwrap());
+    assert_eq!(repos.available("a", now).await.unwrap(), 500);
+
+    let batch = vec![
+        charge("a", "gen_1", 100, Some("l1")),
+        charge("a", "gen_2", 50, Some("l1")),
+        charge("a", "gen_2", 50, Some("l1")), // repeated within the batch: counted once
+        charge("a", "gen_3", 25, None),       // outside any lease
+        charge("b", "gen_4", 10, Some("l1")), // another org's line cannot bump A's lease
+    ];
+    assert_eq!(repos.charge(&batch).await.unwrap(), 4);
+    assert_eq!(repos.get_lease("l1").await.unwrap().unwrap().used_nanos, 150);
+    assert_eq!(repos.balance("a").await.unwrap(), 1_000 - 175);
+    // Charged under the lease: already reserved, so only the unleased 25 lowers `available`.
+    assert_eq!(repos.available("a", now).await.unwrap(), 1_000 - 175 - (500 - 150));
+
+    // Retrying the whole batch (a flush that timed out but had committed) changes nothing.
+    assert_eq!(repos.charge(&batch).await.unwrap(), 0);
+    assert_eq!(repos.get_lease("l1").await.unwrap().unwrap().used_nanos, 150);
+    assert_eq!(repos.balance("a").await.unwrap(), 1_000 - 175);
+    assert_eq!(repos.charge(&[]).await.unwrap(), 0);
+
+    // A lease overdrawn by its charges reserves nothing more (never a negative reservation).
+    assert_eq!(repos.charge(&[charge("a", "gen_5", 400, Some("l1"))]).await.unwrap(), 1);
+    assert_eq!(repos.get_lease("l1").await.unwrap().unwrap().used_nanos, 550);
+    assert_eq!(repos.available("a", now).await.unwrap(), 1_000 - 575);
+}
+
+pub(crate) async fn open_lease_refuses_when_not_covered(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    funded_org(repos, "a", 100).await;
+    let (t, exp) = (10_000, 20_000);
+    assert!(repos.open_lease(&lease("l1", "a", 60, t, exp)).await.unwrap());
+    assert!(
+        !repos.open_lease(&lease("l2", "a", 50, t, exp)).await.unwrap(),
+        "only 40 left"
+    );
+    assert_eq!(repos.get_lease("l2").await.unwrap(), None);
+    assert!(repos.open_lease(&lease("l3", "a", 40, t, exp)).await.unwrap());
+    assert_eq!(repos.available("a", t).await.unwrap(), 0);
+    assert!(!repos.open_lease(&lease("l4", "a", 1, t, exp)).await.unwrap());
+    assert!(
+        repos.open_lease(&lease("l5", "a", 0, t, exp)).await.unwrap(),
+        "a zero lease is covered"
+    );
+    assert!(
+        !repos.open_lease(&lease("l6", "a", -10, t, exp)).await.unwrap(),
+        "negative amounts are refused"
+    );
+    assert!(
+        !repos.open_lease(&lease("l7", "nobody", 0, t, exp)).await.unwrap(),
+        "unknown org"
+    );
+    assert!(
+        repos.open_lease(&lease("l1", "a", 0, t, exp)).await.is_err(),
+        "duplicate lease id"
+    );
+    assert_eq!(repos.get_lease("l1").await.unwrap(), Some(lease("l1", "a", 60, t, exp)));
+
+    // A top-up makes room again; a negative balance covers nothing.
+    repos.append(&[line("a", "topup", "pay_1", 30, t)]).await.unwrap();
+    assert!(repos.open_lease(&lease("l8", "a", 30, t, exp)).await.unwrap());
+    funded_org(repos, "debtor", -5).await;
+    assert!(!repos.open_lease(&lease("l9", "debtor", 0, t, exp)).await.unwrap());
+}
+
+/// 50 tasks race for a 10-unit lease each against a balance of 100, on as many connections as
+/// the pool gives them: exactly 10 win.
+pub(crate) async fn open_lease_race_admits_exactly_the_balance(ctx: &Ctx) {
+    funded_org(&*ctx.repos, "a", 100).await;
+    // A second store (another "instance", with its own pool) races the first one.
+    let other = ctx.reopen().await;
+    let now = now_ms();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let repos = if i % 2 == 0 {
+                Arc::clone(&ctx.repos)
+            } else {
+                Arc::clone(&other)
+            };
+            tokio::spawn(async move {
+                repos
+                    .open_lease(&lease(&format!("l{i}"), "a", 10, now, now + 60_000))
+                    .await
+            })
+        })
+        .collect();
+    let mut opened = 0;
+    for task in tasks {
+        if task.await.unwrap().unwrap() {
+            opened += 1;
+        }
+    }
+    assert_eq!(opened, 10);
+    assert_eq!(ctx.repos.available("a", now).await.unwrap(), 0);
+    assert_eq!(other.available("a", now).await.unwrap(), 0);
+    assert_eq!(ctx.repos.balance("a").await.unwrap(), 100);
+}
+
+/// Charges (which insert ledger lines, hence reference the org row) and lease openings (which
+/// lock it) run concurrently without deadlock or lost updates.
+pub(crate) async fn charges_and_lease_openings_interleave_safely(ctx: &Ctx) {
+    funded_org(&*ctx.repos, "a", 1_000_000).await;
+    let now = now_ms();
+    assert!(ctx
+        .repos
+        .open_lease(&lease("base", "a", 100_000, now, now + 60_000))
+        .await
+        .unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let repos = Arc::clone(&ctx.repos);
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let charges: Vec<_> = (0..5)
+                    .map(|j| charge("a", &format!("g{i}-{j}"), 7, Some("base")))
+                    .collect();
+                repos.charge(&charges).await.map(|n| n == 5)
+            } else {
+                repos
+                    .open_lease(&lease(&format!("l{i}"), "a", 1_000, now, now + 60_000))
+                    .await
+            }
+        }));
+    }
+    for task in tasks {
+        assert!(task.await.unwrap().unwrap());
+    }
+    let repos = &*ctx.repos;
+    assert_eq!(repos.get_lease("base").await.unwrap().unwrap().used_nanos, 20 * 5 * 7);
+    assert_eq!(repos.balance("a").await.unwrap(), 1_000_000 - 700);
+    assert_eq!(
+        repos.available("a", now).await.unwrap(),
+        1_000_000 - 700 - (100_000 - 700) - 20 * 1_000
+    );
+}
+
+pub(crate) async fn expired_and_closed_leases_release_their_unused_part(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    funded_org(repos, "a", 1_000).await;
+    assert!(repos.open_lease(&lease("l1", "a", 600, 1_000, 2_000)).await.unwrap());
+    assert!(repos.open_lease(&lease("l2", "a", 300, 1_000, 9_000)).await.unwrap());
+    repos.charge(&[charge("a", "gen_1", 100, Some("l1"))]).await.unwrap();
+    // Balance 900; live leases reserve 500 (l1) + 300 (l2).
+    assert_eq!(repos.available("a", 1_500).await.unwrap(), 100);
+    assert!(!repos.open_lease(&lease("l3", "a", 500, 1_500, 9_000)).await.unwrap());
+    // At its expiry l1 stops reserving (its charges stay): its credit can be leased again.
+    assert_eq!(repos.available("a", 2_000).await.unwrap(), 600);
+    assert!(repos.open_lease(&lease("l3", "a", 500, 2_000, 9_000)).await.unwrap());
+    assert_eq!(repos.available("a", 2_000).await.unwrap(), 100);
+    // Closing releases too, and a closed lease stays closed.
+    repos.close_lease("l2").await.unwrap();
+    repos.close_lease("l2").await.unwrap();
+    repos.close_lease("ghost").await.unwrap();
+    assert!(repos.get_lease("l2").await.unwrap().unwrap().closed);
+    assert_eq!(repos.available("a", 2_000).await.unwrap(), 400);
+    assert_eq!(repos.balance("a").await.unwrap(), 900);
+}
+
+pub(crate) async fn renew_lease_only_while_live(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    funded_org(repos, "a", 1_000).await;
+    let now = now_ms();
+    assert!(repos
+        .open_lease(&lease("live", "a", 100, now, now + 60_000))
+        .await
+        .unwrap());
+    assert!(repos
+        .open_lease(&lease("expired", "a", 100, now - 10_000, now - 1))
+        .await
+        .unwrap());
+    assert!(repos.renew_lease("live", now + 120_000).await.unwrap());
+    assert_eq!(
+        repos.get_lease("live").await.unwrap().unwrap().expires_at_ms,
+        now + 120_000
+    );
+    assert!(
+        !repos.renew_lease("expired", now + 120_000).await.unwrap(),
+        "its credit may be leased again"
+    );
+    assert!(!repos.renew_lease("ghost", now + 120_000).await.unwrap());
+    repos.close_lease("live").await.unwrap();
+    assert!(!repos.renew_lease("live", now + 180_000).await.unwrap());
+    assert_eq!(repos.available("a", now).await.unwrap(), 1_000);
+}
+
+pub(crate) async fn spend_since_per_org_and_per_key(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    let with_key = |mut e: LedgerEntry, key: &str| {
+        e.key_id = Some(key.into());
+        e
+    };
+    repos
+        .append(&[
+            line("a", "topup", "pay", 1_000_000, 100),
+            with_key(line("a", "charge", "g1", -10, 100), "k1"),
+            with_key(line("a", "charge", "g2", -20, 200), "k1"),
+            with_key(line("a", "charge", "g3", -40, 300), "k2"),
+            with_key(line("a", "refund", "g3", 40, 300), "k2"),
+            with_key(line("b", "charge", "g4", -80, 300), "k1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(repos.spend_since("a", None, 0).await.unwrap(), 70);
+    assert_eq!(
+        repos.spend_since("a", None, 200).await.unwrap(),
+        60,
+        "since is inclusive"
+    );
+    assert_eq!(repos.spend_since("a", None, 301).await.unwrap(), 0);
+    assert_eq!(repos.spend_since("a", Some("k1"), 0).await.unwrap(), 30);
+    assert_eq!(repos.spend_since("a", Some("k1"), 150).await.unwrap(), 20);
+    assert_eq!(
+        repos.spend_since("a", Some("k2"), 0).await.unwrap(),
+        40,
+        "refunds are not netted"
+    );
+    assert_eq!(repos.spend_since("b", Some("k1"), 0).await.unwrap(), 80);
+    assert_eq!(repos.spend_since("b", Some("k2"), 0).await.unwrap(), 0);
+    assert_eq!(repos.spend_since("zz", None, 0).await.unwrap(), 0);
+}
