@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::http::HeaderMap;
 use marga_protocol::openai::Extra;
 use marga_protocol::routing::{DataPolicy, RoutingExtensions};
 
@@ -33,9 +32,9 @@ pub struct Admitted {
     pub plan: Plan,
 }
 
-/// Authenticates an inference call and counts it against its rate limits.
-pub async fn caller(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<(Principal, Quota), ApiError> {
-    let principal = state.admission.accounts.authenticate(headers)?;
+/// Admits an authenticated caller to inference (an inference key, or the master key) and
+/// counts the call against its rate limits.
+pub async fn caller(state: &AppState, principal: Principal, peer: SocketAddr) -> Result<(Principal, Quota), ApiError> {
     principal.require_inference()?;
     let ip = peer.ip().to_string();
     let quota = state.admission.count(&principal, Some(&ip)).await?;

@@ -107,18 +107,26 @@ fn stream_response<C: StreamChunk>(
     sse_response(relay(params), headers)
 }
 
-/// Admits a parsed request: plan, reserve, and the request's context.
+/// Who sent a request: its principal (authenticated once, before the body was read), its
+/// headers and its address.
+pub(super) struct Sender<'a> {
+    pub principal: Principal,
+    pub headers: &'a HeaderMap,
+    pub peer: SocketAddr,
+}
+
+/// Admits a parsed request of an authenticated sender: limits, plan, reserve, and the
+/// request's context.
 pub(super) async fn begin_request(
     state: &AppState,
-    headers: &HeaderMap,
-    peer: SocketAddr,
+    sender: Sender<'_>,
     model: &str,
     ext: &marga_protocol::routing::RoutingExtensions,
     shape: (Endpoint, bool, usize, Option<u32>),
     end_user: Option<&str>,
 ) -> Result<(RequestCtx, Plan), ApiError> {
-    let (principal, quota) = caller(state, headers, peer).await?;
-    let client = client_info(headers, end_user);
+    let (principal, quota) = caller(state, sender.principal, sender.peer).await?;
+    let client = client_info(sender.headers, end_user);
     let (mut ctx, plan) = begin_for(state, principal, model, ext, shape, client, None).await?;
     ctx.quota = quota;
     Ok((ctx, plan))
@@ -214,13 +222,13 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.admission.accounts.authenticate(&headers)?;
+    let principal = state.admission.accounts.authenticate(&headers)?;
     let bytes = read_body(body, state.max_body).await?;
     let mut request: ChatCompletionRequest = parse_json(&bytes)?;
     let ext = take_extensions(&mut request.extra)?;
     validate_chat(&request)?;
     let shape = (Endpoint::Chat, request.stream, bytes.len(), request.output_cap());
-    let (mut ctx, plan) = begin_request(&state, &headers, peer, &request.model, &ext, shape, request.user.as_deref()).await?;
+    let (mut ctx, plan) = begin_request(&state, Sender { principal, headers: &headers, peer }, &request.model, &ext, shape, request.user.as_deref()).await?;
     let key = ext.upstream_key.as_deref();
     if request.stream {
         let served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {
@@ -244,13 +252,13 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.admission.accounts.authenticate(&headers)?;
+    let principal = state.admission.accounts.authenticate(&headers)?;
     let bytes = read_body(body, state.max_body).await?;
     let mut request: CompletionRequest = parse_json(&bytes)?;
     let ext = take_extensions(&mut request.extra)?;
     validate_sampling(request.temperature, request.top_p, None)?;
     let shape = (Endpoint::Completions, request.stream, bytes.len(), request.max_tokens);
-    let (mut ctx, plan) = begin_request(&state, &headers, peer, &request.model, &ext, shape, request.user.as_deref()).await?;
+    let (mut ctx, plan) = begin_request(&state, Sender { principal, headers: &headers, peer }, &request.model, &ext, shape, request.user.as_deref()).await?;
     let key = ext.upstream_key.as_deref();
     if request.stream {
         let served = first_success(&mut ctx, &plan.candidates, &state.routing, |c| {

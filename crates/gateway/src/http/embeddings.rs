@@ -10,7 +10,7 @@ use marga_protocol::openai::{EmbeddingRequest, EmbeddingResponse, EmbeddingVecto
 use marga_providers::Call;
 
 use super::admit::take_extensions;
-use super::chat::{begin_request, settle_whole};
+use super::chat::{begin_request, settle_whole, Sender};
 use super::extract::{parse_json, read_body};
 use super::respond::{json_response, record_failure};
 use super::AppState;
@@ -44,13 +44,13 @@ pub async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.admission.accounts.authenticate(&headers)?;
+    let principal = state.admission.accounts.authenticate(&headers)?;
     let bytes = read_body(body, state.max_body).await?;
     let mut request: EmbeddingRequest = parse_json(&bytes)?;
     let ext = take_extensions(&mut request.extra)?;
     validate(&request)?;
     let shape = (Endpoint::Embeddings, false, bytes.len(), Some(0));
-    let (mut ctx, plan) = begin_request(&state, &headers, peer, &request.model, &ext, shape, request.user.as_deref()).await?;
+    let (mut ctx, plan) = begin_request(&state, Sender { principal, headers: &headers, peer }, &request.model, &ext, shape, request.user.as_deref()).await?;
     let key = ext.upstream_key.as_deref();
     let (served, cost) = embeddings_whole(&state, &mut ctx, &plan, &request, key).await?;
     Ok(json_response(&served.value, &ctx, &plan, &served.candidate, cost))
