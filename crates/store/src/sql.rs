@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::{Database, Encode, QueryBuilder, Type};
 
-use crate::{Charge, GenerationRecord};
+use crate::{Charge, GenerationRecord, LedgerEntry};
 
 pub(crate) const GENERATION_COLUMNS: &str = "id, created_at_ms, org_id, key_id, endpoint, model, provider, upstream_model, \
     streamed, status, http_status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, \
@@ -131,6 +131,65 @@ pub(crate) fn add_lease_usage<'c>(
             *used = used.saturating_add(e.amount_nanos.saturating_abs());
         }
     }
+}
+
+/// What one organisation's new lines add to its running sums in `org_balances`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct BalanceDelta {
+    /// The sum of the lines' amounts (signed).
+    pub balance: i64,
+    /// The sum of the charges, as a positive number.
+    pub usage: i64,
+}
+
+/// Per organisation (in `org_id` order, the order every writer updates `org_balances` in, so
+/// that two transactions never wait for each other's rows crosswise), what the lines of
+/// `entries` that were inserted (whose keys are in `inserted`) add to its running sums. A line
+/// is counted once even if `entries` repeats it.
+pub(crate) fn balance_deltas<'e>(
+    entries: impl IntoIterator<Item = &'e LedgerEntry>,
+    inserted: &HashSet<LineKey>,
+) -> Vec<(&'e str, BalanceDelta)> {
+    let mut seen = HashSet::new();
+    let mut deltas: BTreeMap<&str, BalanceDelta> = BTreeMap::new();
+    for e in entries {
+        let key = (e.org_id.clone(), e.kind.clone(), e.reference.clone());
+        if !inserted.contains(&key) || !seen.insert(key) {
+            continue;
+        }
+        let delta = deltas.entry(e.org_id.as_str()).or_default();
+        delta.balance = delta.balance.saturating_add(e.amount_nanos);
+        if e.kind == "charge" {
+            delta.usage = delta.usage.saturating_sub(e.amount_nanos);
+        }
+    }
+    deltas.into_iter().collect()
+}
+
+/// Adds `deltas` to the `shard` rows of `org_balances`, one statement per piece of
+/// [`fixed_chunks`]. The same for both databases.
+pub(crate) fn balance_upserts<'a, DB>(
+    deltas: &'a [(&'a str, BalanceDelta)],
+    shard: i32,
+) -> impl Iterator<Item = QueryBuilder<'a, DB>> + 'a
+where
+    DB: Database,
+    &'a str: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+    i32: Encode<'a, DB> + Type<DB>,
+{
+    fixed_chunks(deltas).map(move |chunk| {
+        let mut builder = QueryBuilder::<DB>::new("INSERT INTO org_balances (org_id, shard, balance_nanos, usage_nanos) ");
+        builder.push_values(chunk, |mut row, (org_id, delta)| {
+            row.push_bind(*org_id).push_bind(shard).push_bind(delta.balance).push_bind(delta.usage);
+        });
+        builder.push(
+            " ON CONFLICT (org_id, shard) DO UPDATE SET \
+             balance_nanos = org_balances.balance_nanos + excluded.balance_nanos, \
+             usage_nanos = org_balances.usage_nanos + excluded.usage_nanos",
+        );
+        builder
+    })
 }
 
 /// `balance − reserved`, saturating (both are far from `i64` limits in practice).

@@ -15,7 +15,8 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::PgStore;
 use crate::sql::{
-    add_lease_usage, available, fixed_chunks, LineKey, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    add_lease_usage, available, balance_deltas, balance_upserts, fixed_chunks, LineKey, LEASE_COLUMNS,
+    LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -36,12 +37,12 @@ fn ledger_insert<'e>(entries: impl IntoIterator<Item = &'e LedgerEntry>) -> Quer
     builder
 }
 
-/// `(balance, reserved)` of the org at `now_ms`: the sum of its lines, and the unused part of
-/// its live leases.
+/// `(balance, reserved)` of the org at `now_ms`: the sum of its lines (kept in `org_balances`),
+/// and the unused part of its live leases.
 async fn balance_and_reserved(conn: &mut PgConnection, org_id: &str, now_ms: i64) -> Result<(i64, i64), StoreError> {
     Ok(sqlx::query_as(
         "SELECT \
-           (SELECT COALESCE(SUM(amount_nanos), 0)::BIGINT FROM ledger_entries WHERE org_id = $1), \
+           (SELECT COALESCE(SUM(balance_nanos), 0)::BIGINT FROM org_balances WHERE org_id = $1), \
            (SELECT COALESCE(SUM(GREATEST(amount_nanos - used_nanos, 0)), 0)::BIGINT FROM credit_leases \
               WHERE org_id = $1 AND NOT closed AND expires_at_ms > $2)",
     )
@@ -51,6 +52,34 @@ async fn balance_and_reserved(conn: &mut PgConnection, org_id: &str, now_ms: i64
     .await?)
 }
 
+/// Inserts `entries` (a line that exists already is skipped) and returns the keys of those
+/// inserted.
+async fn insert_returning_keys<'e>(
+    tx: &mut PgConnection,
+    entries: impl IntoIterator<Item = &'e LedgerEntry>,
+) -> Result<Vec<LineKey>, StoreError> {
+    let mut builder = ledger_insert(entries);
+    builder.push(" RETURNING org_id, kind, reference");
+    Ok(builder.build_query_as().fetch_all(tx).await?)
+}
+
+impl PgStore {
+    /// Adds the lines of `entries` that were inserted to this instance's rows of
+    /// `org_balances`, in `org_id` order.
+    async fn add_to_balances<'e>(
+        &self,
+        tx: &mut PgConnection,
+        entries: impl IntoIterator<Item = &'e LedgerEntry>,
+        inserted: &HashSet<LineKey>,
+    ) -> Result<(), StoreError> {
+        let deltas = balance_deltas(entries, inserted);
+        for mut upsert in balance_upserts::<Postgres>(&deltas, self.balance_shard) {
+            upsert.build().execute(&mut *tx).await?;
+        }
+        Ok(())
+    }
+}
+
 impl LedgerRepo for PgStore {
     fn append<'a>(&'a self, entries: &'a [LedgerEntry]) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
@@ -58,12 +87,13 @@ impl LedgerRepo for PgStore {
                 return Ok(0);
             }
             let mut tx = self.pool.begin().await?;
-            let mut inserted = 0;
+            let mut new_lines = HashSet::new();
             for chunk in fixed_chunks(entries) {
-                inserted += ledger_insert(chunk).build().execute(&mut *tx).await?.rows_affected();
+                new_lines.extend(insert_returning_keys(&mut tx, chunk.iter()).await?);
             }
+            self.add_to_balances(&mut tx, entries, &new_lines).await?;
             tx.commit().await?;
-            Ok(inserted)
+            Ok(new_lines.len() as u64)
         })
     }
 
@@ -73,15 +103,14 @@ impl LedgerRepo for PgStore {
                 return Ok(0);
             }
             let mut tx = self.pool.begin().await?;
-            let mut inserted = 0;
-            let mut usage = BTreeMap::new();
+            let mut new_lines = HashSet::new();
             for chunk in fixed_chunks(charges) {
-                let mut builder = ledger_insert(chunk.iter().map(|c| &c.entry));
-                builder.push(" RETURNING org_id, kind, reference");
-                let rows: Vec<LineKey> = builder.build_query_as().fetch_all(&mut *tx).await?;
-                inserted += rows.len() as u64;
-                add_lease_usage(chunk, rows.into_iter().collect::<HashSet<_>>(), &mut usage);
+                new_lines.extend(insert_returning_keys(&mut tx, chunk.iter().map(|c| &c.entry)).await?);
             }
+            let inserted = new_lines.len() as u64;
+            self.add_to_balances(&mut tx, charges.iter().map(|c| &c.entry), &new_lines).await?;
+            let mut usage = BTreeMap::new();
+            add_lease_usage(charges, new_lines, &mut usage);
             for ((org_id, lease_id), used) in usage {
                 sqlx::query("UPDATE credit_leases SET used_nanos = used_nanos + $1 WHERE id = $2 AND org_id = $3")
                     .bind(used)
@@ -98,7 +127,7 @@ impl LedgerRepo for PgStore {
     fn balance<'a>(&'a self, org_id: &'a str) -> BoxFuture<'a, Result<i64, StoreError>> {
         Box::pin(async move {
             let (sum,): (i64,) =
-                sqlx::query_as("SELECT COALESCE(SUM(amount_nanos), 0)::BIGINT FROM ledger_entries WHERE org_id = $1")
+                sqlx::query_as("SELECT COALESCE(SUM(balance_nanos), 0)::BIGINT FROM org_balances WHERE org_id = $1")
                     .bind(org_id)
                     .fetch_one(&self.pool)
                     .await?;
@@ -109,9 +138,8 @@ impl LedgerRepo for PgStore {
     fn totals<'a>(&'a self, org_id: &'a str) -> BoxFuture<'a, Result<(i64, i64), StoreError>> {
         Box::pin(async move {
             Ok(sqlx::query_as(
-                "SELECT COALESCE(SUM(amount_nanos), 0)::BIGINT, \
-                        COALESCE(SUM(CASE WHEN kind = 'charge' THEN -amount_nanos ELSE 0 END), 0)::BIGINT \
-                 FROM ledger_entries WHERE org_id = $1",
+                "SELECT COALESCE(SUM(balance_nanos), 0)::BIGINT, COALESCE(SUM(usage_nanos), 0)::BIGINT \
+                 FROM org_balances WHERE org_id = $1",
             )
             .bind(org_id)
             .fetch_one(&self.pool)

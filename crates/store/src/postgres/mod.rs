@@ -26,6 +26,21 @@ const MAX_CONNECTIONS: u32 = 10;
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// This instance's row of each organisation in `org_balances` (see `ledger.rs`).
+    balance_shard: i32,
+}
+
+/// How many rows per organisation `org_balances` may have on Postgres.
+const BALANCE_SHARDS: u32 = 16;
+
+/// A shard for this store: spread over instances by their process id and start time, so that
+/// instances charging one organisation at the same time seldom add to the same row.
+fn pick_balance_shard() -> i32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    ((std::process::id() ^ nanos) % BALANCE_SHARDS) as i32
 }
 
 impl PgStore {
@@ -47,7 +62,7 @@ impl PgStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, balance_shard: pick_balance_shard() })
     }
 
     /// Closes the pool's connections (waiting for those in use to be returned).

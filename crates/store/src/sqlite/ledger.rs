@@ -10,7 +10,8 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::SqliteStore;
 use crate::sql::{
-    add_lease_usage, available, fixed_chunks, LineKey, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    add_lease_usage, available, balance_deltas, balance_upserts, fixed_chunks, LineKey, LEASE_COLUMNS,
+    LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -31,8 +32,8 @@ fn ledger_insert<'e>(entries: impl IntoIterator<Item = &'e LedgerEntry>) -> Quer
     builder
 }
 
-/// `(balance, reserved)` of the org at `now_ms`: the sum of its lines, and the unused part of
-/// its live leases.
+/// `(balance, reserved)` of the org at `now_ms`: the sum of its lines (kept in `org_balances`),
+/// and the unused part of its live leases.
 async fn balance_and_reserved(
     conn: &mut SqliteConnection,
     org_id: &str,
@@ -40,7 +41,7 @@ async fn balance_and_reserved(
 ) -> Result<(i64, i64), StoreError> {
     Ok(sqlx::query_as(
         "SELECT \
-           (SELECT COALESCE(SUM(amount_nanos), 0) FROM ledger_entries WHERE org_id = ?), \
+           (SELECT COALESCE(SUM(balance_nanos), 0) FROM org_balances WHERE org_id = ?), \
            (SELECT COALESCE(SUM(MAX(amount_nanos - used_nanos, 0)), 0) FROM credit_leases \
               WHERE org_id = ? AND closed = 0 AND expires_at_ms > ?)",
     )
@@ -51,13 +52,16 @@ async fn balance_and_reserved(
     .await?)
 }
 
-/// The keys of those `charges` whose ledger line is already recorded.
-async fn existing_lines(conn: &mut SqliteConnection, charges: &[Charge]) -> Result<HashSet<LineKey>, StoreError> {
+/// The keys of those `entries` whose ledger line is already recorded.
+async fn existing_lines<'e>(
+    conn: &mut SqliteConnection,
+    entries: &[&'e LedgerEntry],
+) -> Result<HashSet<LineKey>, StoreError> {
     let mut existing = HashSet::new();
-    for chunk in fixed_chunks(charges) {
+    for chunk in fixed_chunks(entries) {
         let mut query = QueryBuilder::<Sqlite>::new("SELECT l.org_id, l.kind, l.reference FROM (");
-        query.push_values(chunk, |mut row, charge| {
-            row.push_bind(&charge.entry.org_id).push_bind(&charge.entry.kind).push_bind(&charge.entry.reference);
+        query.push_values(chunk, |mut row, entry| {
+            row.push_bind(&entry.org_id).push_bind(&entry.kind).push_bind(&entry.reference);
         });
         // The join walks the few looked-for keys and probes the unique (org_id, kind, reference)
         // index for each.
@@ -71,6 +75,27 @@ async fn existing_lines(conn: &mut SqliteConnection, charges: &[Charge]) -> Resu
     Ok(existing)
 }
 
+/// Inserts `entries` (a line that exists already is skipped), adds the new lines to
+/// `org_balances` and returns their keys. Which lines exist is asked first (normally none: one
+/// statement that returns no row); `RETURNING` on the insert would stream every inserted row
+/// back through sqlx's worker channel, one hand-off per row.
+async fn insert_lines(conn: &mut SqliteConnection, entries: &[&LedgerEntry]) -> Result<HashSet<LineKey>, StoreError> {
+    let existing = existing_lines(conn, entries).await?;
+    for chunk in fixed_chunks(entries) {
+        ledger_insert(chunk.iter().copied()).build().execute(&mut *conn).await?;
+    }
+    let new_lines: HashSet<LineKey> = entries
+        .iter()
+        .map(|e| (e.org_id.clone(), e.kind.clone(), e.reference.clone()))
+        .filter(|key| !existing.contains(key))
+        .collect();
+    let deltas = balance_deltas(entries.iter().copied(), &new_lines);
+    for mut upsert in balance_upserts::<Sqlite>(&deltas, 0) {
+        upsert.build().execute(&mut *conn).await?;
+    }
+    Ok(new_lines)
+}
+
 impl LedgerRepo for SqliteStore {
     fn append<'a>(&'a self, entries: &'a [LedgerEntry]) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
@@ -78,10 +103,8 @@ impl LedgerRepo for SqliteStore {
                 return Ok(0);
             }
             let mut tx = self.begin_write().await?;
-            let mut inserted = 0;
-            for chunk in fixed_chunks(entries) {
-                inserted += ledger_insert(chunk).build().execute(&mut *tx).await?.rows_affected();
-            }
+            let entries: Vec<&LedgerEntry> = entries.iter().collect();
+            let inserted = insert_lines(&mut tx, &entries).await?.len() as u64;
             tx.commit().await?;
             Ok(inserted)
         })
@@ -93,20 +116,9 @@ impl LedgerRepo for SqliteStore {
                 return Ok(0);
             }
             let mut tx = self.begin_write().await?;
-            // Which of these lines exist already (a replayed journal): normally none, so one
-            // statement that returns no row. `RETURNING` on the insert would stream every
-            // inserted row back through sqlx's worker channel, one hand-off per row.
-            let existing = existing_lines(&mut tx, charges).await?;
-            let mut inserted = 0;
-            for chunk in fixed_chunks(charges) {
-                let mut insert = ledger_insert(chunk.iter().map(|c| &c.entry));
-                inserted += insert.build().execute(&mut *tx).await?.rows_affected();
-            }
-            let new_lines: HashSet<LineKey> = charges
-                .iter()
-                .map(|c| (c.entry.org_id.clone(), c.entry.kind.clone(), c.entry.reference.clone()))
-                .filter(|key| !existing.contains(key))
-                .collect();
+            let entries: Vec<&LedgerEntry> = charges.iter().map(|c| &c.entry).collect();
+            let new_lines = insert_lines(&mut tx, &entries).await?;
+            let inserted = new_lines.len() as u64;
             let mut usage = BTreeMap::new();
             add_lease_usage(charges, new_lines, &mut usage);
             for ((org_id, lease_id), used) in usage {
@@ -125,7 +137,7 @@ impl LedgerRepo for SqliteStore {
     fn balance<'a>(&'a self, org_id: &'a str) -> BoxFuture<'a, Result<i64, StoreError>> {
         Box::pin(async move {
             let (sum,): (i64,) =
-                sqlx::query_as("SELECT COALESCE(SUM(amount_nanos), 0) FROM ledger_entries WHERE org_id = ?")
+                sqlx::query_as("SELECT COALESCE(SUM(balance_nanos), 0) FROM org_balances WHERE org_id = ?")
                     .bind(org_id)
                     .fetch_one(&self.pool)
                     .await?;
@@ -136,9 +148,8 @@ impl LedgerRepo for SqliteStore {
     fn totals<'a>(&'a self, org_id: &'a str) -> BoxFuture<'a, Result<(i64, i64), StoreError>> {
         Box::pin(async move {
             Ok(sqlx::query_as(
-                "SELECT COALESCE(SUM(amount_nanos), 0), \
-                        COALESCE(SUM(CASE WHEN kind = 'charge' THEN -amount_nanos ELSE 0 END), 0) \
-                 FROM ledger_entries WHERE org_id = ?",
+                "SELECT COALESCE(SUM(balance_nanos), 0), COALESCE(SUM(usage_nanos), 0) \
+                 FROM org_balances WHERE org_id = ?",
             )
             .bind(org_id)
             .fetch_one(&self.pool)

@@ -3,10 +3,32 @@
 
 use std::sync::Arc;
 
-use marga_store::LedgerEntry;
+use marga_store::{LedgerEntry, Repos};
 
 use crate::backend::Ctx;
 use crate::fixtures::{charge, funded_org, lease, line, now_ms, org};
+
+/// The org's `(balance, charges)` summed from its ledger lines themselves, page by page: what
+/// the running sums `balance` and `totals` read must always equal.
+async fn ledger_sums(repos: &dyn Repos, org_id: &str) -> (i64, i64) {
+    let (mut balance, mut charges, mut before) = (0, 0, None);
+    loop {
+        let page = repos.entries(org_id, before, 500).await.unwrap();
+        let Some(last) = page.last() else { return (balance, charges) };
+        before = Some(last.id);
+        for e in &page {
+            balance += e.amount_nanos;
+            charges -= if e.kind == "charge" { e.amount_nanos } else { 0 };
+        }
+    }
+}
+
+/// The balance and totals the store reports are the sums of the org's ledger lines.
+async fn assert_balance_is_the_ledger_sum(repos: &dyn Repos, org_id: &str) {
+    let sums = ledger_sums(repos, org_id).await;
+    assert_eq!(repos.totals(org_id).await.unwrap(), sums, "{org_id}: running sums against the ledger");
+    assert_eq!(repos.balance(org_id).await.unwrap(), sums.0, "{org_id}");
+}
 
 pub(crate) async fn ledger_append_is_idempotent_and_balance_exact(ctx: &Ctx) {
     let repos = &*ctx.repos;
@@ -54,6 +76,9 @@ pub(crate) async fn ledger_append_is_idempotent_and_balance_exact(ctx: &Ctx) {
     let expected = 5 - (0..1234).map(|i| i * 1_000 + 7).sum::<i64>();
     assert_eq!(repos.balance("b").await.unwrap(), expected);
     assert_eq!(ctx.reopen().await.balance("b").await.unwrap(), expected);
+    for org_id in ["a", "b"] {
+        assert_balance_is_the_ledger_sum(repos, org_id).await;
+    }
 }
 
 pub(crate) async fn ledger_entries_page_newest_first(ctx: &Ctx) {
@@ -118,6 +143,9 @@ pub(crate) async fn charge_is_idempotent_and_bumps_lease_usage(ctx: &Ctx) {
     assert_eq!(repos.charge(&[charge("a", "gen_5", 400, Some("l1"))]).await.unwrap(), 1);
     assert_eq!(repos.get_lease("l1").await.unwrap().unwrap().used_nanos, 550);
     assert_eq!(repos.available("a", now).await.unwrap(), 1_000 - 575);
+    for org_id in ["a", "b"] {
+        assert_balance_is_the_ledger_sum(repos, org_id).await;
+    }
 }
 
 pub(crate) async fn open_lease_refuses_when_not_covered(ctx: &Ctx) {
@@ -227,6 +255,7 @@ pub(crate) async fn charges_and_lease_openings_interleave_safely(ctx: &Ctx) {
         repos.available("a", now).await.unwrap(),
         1_000_000 - 700 - (100_000 - 700) - 20 * 1_000
     );
+    assert_balance_is_the_ledger_sum(repos, "a").await;
 }
 
 pub(crate) async fn expired_and_closed_leases_release_their_unused_part(ctx: &Ctx) {
