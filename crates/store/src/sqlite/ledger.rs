@@ -53,9 +53,9 @@ async fn balance_and_reserved(
 }
 
 /// The keys of those `entries` whose ledger line is already recorded.
-async fn existing_lines<'e>(
+async fn existing_lines(
     conn: &mut SqliteConnection,
-    entries: &[&'e LedgerEntry],
+    entries: &[&LedgerEntry],
 ) -> Result<HashSet<LineKey>, StoreError> {
     let mut existing = HashSet::new();
     for chunk in fixed_chunks(entries) {
