@@ -192,6 +192,122 @@ where
     })
 }
 
+/// The width of a `spend_buckets` row: 15 minutes, so that every time zone's midnight (all
+/// UTC offsets in use are whole quarter hours) starts a bucket and a day, week or month of
+/// spend is a sum of whole buckets.
+pub(crate) const SPEND_BUCKET_MS: i64 = 15 * 60 * 1000;
+
+/// Whose charges a `spend_buckets` row adds up: `o` the organisation, `k` a key, `w` a
+/// workspace (a member's spend is the sum of their keys').
+pub(crate) type SpendRow<'e> = (&'e str, &'static str, &'e str, i64);
+
+/// Per `(org_id, scope, scope_id, bucket)`, in that order, what the `charge` lines of `entries`
+/// that were inserted add to the spend rollup (as positive numbers). A line is counted once
+/// even if `entries` repeats it.
+pub(crate) fn spend_deltas<'e>(
+    entries: impl IntoIterator<Item = &'e LedgerEntry>,
+    inserted: &HashSet<LineKey>,
+) -> Vec<(SpendRow<'e>, i64)> {
+    let mut seen = HashSet::new();
+    let mut deltas: BTreeMap<SpendRow<'e>, i64> = BTreeMap::new();
+    for e in entries {
+        if e.kind != "charge" {
+            continue;
+        }
+        let key = (e.org_id.clone(), e.kind.clone(), e.reference.clone());
+        if !inserted.contains(&key) || !seen.insert(key) {
+            continue;
+        }
+        let bucket = e.created_at_ms.div_euclid(SPEND_BUCKET_MS);
+        let scopes = [Some(("o", e.org_id.as_str())), e.key_id.as_deref().map(|k| ("k", k)), e.workspace_id.as_deref().map(|w| ("w", w))];
+        for (scope, scope_id) in scopes.into_iter().flatten() {
+            let spent = deltas.entry((e.org_id.as_str(), scope, scope_id, bucket)).or_insert(0);
+            *spent = spent.saturating_sub(e.amount_nanos);
+        }
+    }
+    deltas.into_iter().collect()
+}
+
+/// Adds `deltas` to the `shard` rows of `spend_buckets`, one statement per piece of
+/// [`fixed_chunks`]. The same for both databases.
+pub(crate) fn spend_upserts<'a, DB>(
+    deltas: &'a [(SpendRow<'a>, i64)],
+    shard: i32,
+) -> impl Iterator<Item = QueryBuilder<'a, DB>> + 'a
+where
+    DB: Database,
+    &'a str: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+    i32: Encode<'a, DB> + Type<DB>,
+{
+    fixed_chunks(deltas).map(move |chunk| {
+        let mut builder =
+            QueryBuilder::<DB>::new("INSERT INTO spend_buckets (org_id, scope, scope_id, bucket, shard, spent_nanos) ");
+        builder.push_values(chunk, |mut row, ((org_id, scope, scope_id, bucket), spent)| {
+            row.push_bind(*org_id).push_bind(*scope).push_bind(*scope_id).push_bind(*bucket).push_bind(shard).push_bind(*spent);
+        });
+        builder.push(
+            " ON CONFLICT (org_id, scope, scope_id, bucket, shard) DO UPDATE SET \
+             spent_nanos = spend_buckets.spent_nanos + excluded.spent_nanos",
+        );
+        builder
+    })
+}
+
+/// Whose spend [`spend_query`] sums.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum SpendScope<'a> {
+    Org,
+    Key(&'a str),
+    Workspace(&'a str),
+    /// The keys of this member.
+    Member(&'a str),
+}
+
+/// The charges (a positive number) of `scope` in `org_id` since `since_ms`: the whole
+/// 15-minute buckets of `spend_buckets` from the first one that starts at or after `since_ms`,
+/// plus the ledger's own lines between `since_ms` and that bucket (none when `since_ms` starts
+/// a bucket, as every window's start does). The same for both databases.
+pub(crate) fn spend_query<'a, DB>(org_id: &'a str, scope: SpendScope<'a>, since_ms: i64) -> QueryBuilder<'a, DB>
+where
+    DB: Database,
+    &'a str: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+{
+    let first_bucket = since_ms.div_euclid(SPEND_BUCKET_MS) + i64::from(since_ms.rem_euclid(SPEND_BUCKET_MS) != 0);
+    let mut b = QueryBuilder::<DB>::new("SELECT CAST((SELECT COALESCE(SUM(spent_nanos), 0) FROM spend_buckets WHERE org_id = ");
+    b.push_bind(org_id);
+    match scope {
+        SpendScope::Org => b.push(" AND scope = 'o' AND scope_id = ").push_bind(org_id),
+        SpendScope::Key(id) => b.push(" AND scope = 'k' AND scope_id = ").push_bind(id),
+        SpendScope::Workspace(id) => b.push(" AND scope = 'w' AND scope_id = ").push_bind(id),
+        SpendScope::Member(user) => b
+            .push(" AND scope = 'k' AND scope_id IN (SELECT id FROM api_keys WHERE org_id = ")
+            .push_bind(org_id)
+            .push(" AND member_id = ")
+            .push_bind(user)
+            .push(")"),
+    };
+    b.push(" AND bucket >= ").push_bind(first_bucket);
+    b.push(") AS BIGINT) + CAST((SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries WHERE org_id = ");
+    b.push_bind(org_id).push(" AND kind = 'charge'");
+    match scope {
+        SpendScope::Org => &mut b,
+        SpendScope::Key(id) => b.push(" AND key_id = ").push_bind(id),
+        SpendScope::Workspace(id) => b.push(" AND workspace_id = ").push_bind(id),
+        SpendScope::Member(user) => b
+            .push(" AND key_id IN (SELECT id FROM api_keys WHERE org_id = ")
+            .push_bind(org_id)
+            .push(" AND member_id = ")
+            .push_bind(user)
+            .push(")"),
+    };
+    b.push(" AND created_at_ms >= ").push_bind(since_ms);
+    b.push(" AND created_at_ms < ").push_bind(first_bucket.saturating_mul(SPEND_BUCKET_MS));
+    b.push(") AS BIGINT)");
+    b
+}
+
 /// `balance − reserved`, saturating (both are far from `i64` limits in practice).
 pub(crate) fn available(balance: i64, reserved: i64) -> i64 {
     balance.saturating_sub(reserved)

@@ -15,8 +15,8 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::PgStore;
 use crate::sql::{
-    add_lease_usage, available, balance_deltas, balance_upserts, fixed_chunks, LineKey, LEASE_COLUMNS,
-    LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    add_lease_usage, available, balance_deltas, balance_upserts, fixed_chunks, spend_deltas, spend_query,
+    spend_upserts, LineKey, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -65,15 +65,20 @@ async fn insert_returning_keys<'e>(
 
 impl PgStore {
     /// Adds the lines of `entries` that were inserted to this instance's rows of
-    /// `org_balances`, in `org_id` order.
+    /// `org_balances` and `spend_buckets`, in key order.
     async fn add_to_balances<'e>(
         &self,
         tx: &mut PgConnection,
         entries: impl IntoIterator<Item = &'e LedgerEntry>,
         inserted: &HashSet<LineKey>,
     ) -> Result<(), StoreError> {
-        let deltas = balance_deltas(entries, inserted);
+        let entries: Vec<&LedgerEntry> = entries.into_iter().collect();
+        let deltas = balance_deltas(entries.iter().copied(), inserted);
         for mut upsert in balance_upserts::<Postgres>(&deltas, self.balance_shard) {
+            upsert.build().execute(&mut *tx).await?;
+        }
+        let spend = spend_deltas(entries.iter().copied(), inserted);
+        for mut upsert in spend_upserts::<Postgres>(&spend, self.balance_shard) {
             upsert.build().execute(&mut *tx).await?;
         }
         Ok(())
@@ -228,17 +233,8 @@ impl LedgerRepo for PgStore {
 
     fn member_spend_since<'a>(&'a self, org_id: &'a str, user_id: &'a str, since_ms: i64) -> BoxFuture<'a, Result<i64, StoreError>> {
         Box::pin(async move {
-            let (spent,): (i64,) = sqlx::query_as(
-                "SELECT COALESCE(-SUM(amount_nanos), 0)::BIGINT FROM ledger_entries \
-                 WHERE org_id = $1 AND created_at_ms >= $2 AND kind = 'charge' \
-                 AND key_id IN (SELECT id FROM api_keys WHERE org_id = $3 AND member_id = $4)",
-            )
-            .bind(org_id)
-            .bind(since_ms)
-            .bind(org_id)
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?;
+            let (spent,): (i64,) =
+                spend_query::<Postgres>(org_id, SpendScope::Member(user_id), since_ms).build_query_as().fetch_one(&self.pool).await?;
             Ok(spent)
         })
     }
@@ -250,15 +246,8 @@ impl LedgerRepo for PgStore {
         since_ms: i64,
     ) -> BoxFuture<'a, Result<i64, StoreError>> {
         Box::pin(async move {
-            let (spent,): (i64,) = sqlx::query_as(
-                "SELECT COALESCE(-SUM(amount_nanos), 0)::BIGINT FROM ledger_entries \
-                 WHERE org_id = $1 AND workspace_id = $2 AND created_at_ms >= $3 AND kind = 'charge'",
-            )
-            .bind(org_id)
-            .bind(workspace_id)
-            .bind(since_ms)
-            .fetch_one(&self.pool)
-            .await?;
+            let scope = SpendScope::Workspace(workspace_id);
+            let (spent,): (i64,) = spend_query::<Postgres>(org_id, scope, since_ms).build_query_as().fetch_one(&self.pool).await?;
             Ok(spent)
         })
     }
@@ -270,29 +259,8 @@ impl LedgerRepo for PgStore {
         since_ms: i64,
     ) -> BoxFuture<'a, Result<i64, StoreError>> {
         Box::pin(async move {
-            let (spent,): (i64,) = match key_id {
-                Some(key_id) => {
-                    sqlx::query_as(
-                        "SELECT COALESCE(-SUM(amount_nanos), 0)::BIGINT FROM ledger_entries \
-                         WHERE key_id = $1 AND created_at_ms >= $2 AND org_id = $3 AND kind = 'charge'",
-                    )
-                    .bind(key_id)
-                    .bind(since_ms)
-                    .bind(org_id)
-                    .fetch_one(&self.pool)
-                    .await?
-                }
-                None => {
-                    sqlx::query_as(
-                        "SELECT COALESCE(-SUM(amount_nanos), 0)::BIGINT FROM ledger_entries \
-                         WHERE org_id = $1 AND created_at_ms >= $2 AND kind = 'charge'",
-                    )
-                    .bind(org_id)
-                    .bind(since_ms)
-                    .fetch_one(&self.pool)
-                    .await?
-                }
-            };
+            let scope = key_id.map_or(SpendScope::Org, SpendScope::Key);
+            let (spent,): (i64,) = spend_query::<Postgres>(org_id, scope, since_ms).build_query_as().fetch_one(&self.pool).await?;
             Ok(spent)
         })
     }

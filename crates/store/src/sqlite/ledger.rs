@@ -10,8 +10,8 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::SqliteStore;
 use crate::sql::{
-    add_lease_usage, available, balance_deltas, balance_upserts, fixed_chunks, LineKey, LEASE_COLUMNS,
-    LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    add_lease_usage, available, balance_deltas, balance_upserts, fixed_chunks, spend_deltas, spend_query,
+    spend_upserts, LineKey, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -76,7 +76,7 @@ async fn existing_lines(
 }
 
 /// Inserts `entries` (a line that exists already is skipped), adds the new lines to
-/// `org_balances` and returns their keys. Which lines exist is asked first (normally none: one
+/// `org_balances` and `spend_buckets` and returns their keys. Which lines exist is asked first (normally none: one
 /// statement that returns no row); `RETURNING` on the insert would stream every inserted row
 /// back through sqlx's worker channel, one hand-off per row.
 async fn insert_lines(conn: &mut SqliteConnection, entries: &[&LedgerEntry]) -> Result<HashSet<LineKey>, StoreError> {
@@ -91,6 +91,10 @@ async fn insert_lines(conn: &mut SqliteConnection, entries: &[&LedgerEntry]) -> 
         .collect();
     let deltas = balance_deltas(entries.iter().copied(), &new_lines);
     for mut upsert in balance_upserts::<Sqlite>(&deltas, 0) {
+        upsert.build().execute(&mut *conn).await?;
+    }
+    let spend = spend_deltas(entries.iter().copied(), &new_lines);
+    for mut upsert in spend_upserts::<Sqlite>(&spend, 0) {
         upsert.build().execute(&mut *conn).await?;
     }
     Ok(new_lines)
@@ -234,17 +238,8 @@ impl LedgerRepo for SqliteStore {
 
     fn member_spend_since<'a>(&'a self, org_id: &'a str, user_id: &'a str, since_ms: i64) -> BoxFuture<'a, Result<i64, StoreError>> {
         Box::pin(async move {
-            let (spent,): (i64,) = sqlx::query_as(
-                "SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries \
-                 WHERE org_id = ? AND created_at_ms >= ? AND kind = 'charge' \
-                 AND key_id IN (SELECT id FROM api_keys WHERE org_id = ? AND member_id = ?)",
-            )
-            .bind(org_id)
-            .bind(since_ms)
-            .bind(org_id)
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?;
+            let (spent,): (i64,) =
+                spend_query::<Sqlite>(org_id, SpendScope::Member(user_id), since_ms).build_query_as().fetch_one(&self.pool).await?;
             Ok(spent)
         })
     }
@@ -256,15 +251,8 @@ impl LedgerRepo for SqliteStore {
         since_ms: i64,
     ) -> BoxFuture<'a, Result<i64, StoreError>> {
         Box::pin(async move {
-            let (spent,): (i64,) = sqlx::query_as(
-                "SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries \
-                 WHERE org_id = ? AND workspace_id = ? AND created_at_ms >= ? AND kind = 'charge'",
-            )
-            .bind(org_id)
-            .bind(workspace_id)
-            .bind(since_ms)
-            .fetch_one(&self.pool)
-            .await?;
+            let scope = SpendScope::Workspace(workspace_id);
+            let (spent,): (i64,) = spend_query::<Sqlite>(org_id, scope, since_ms).build_query_as().fetch_one(&self.pool).await?;
             Ok(spent)
         })
     }
@@ -276,29 +264,8 @@ impl LedgerRepo for SqliteStore {
         since_ms: i64,
     ) -> BoxFuture<'a, Result<i64, StoreError>> {
         Box::pin(async move {
-            let (spent,): (i64,) = match key_id {
-                Some(key_id) => {
-                    sqlx::query_as(
-                        "SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries \
-                         WHERE key_id = ? AND created_at_ms >= ? AND org_id = ? AND kind = 'charge'",
-                    )
-                    .bind(key_id)
-                    .bind(since_ms)
-                    .bind(org_id)
-                    .fetch_one(&self.pool)
-                    .await?
-                }
-                None => {
-                    sqlx::query_as(
-                        "SELECT COALESCE(-SUM(amount_nanos), 0) FROM ledger_entries \
-                         WHERE org_id = ? AND created_at_ms >= ? AND kind = 'charge'",
-                    )
-                    .bind(org_id)
-                    .bind(since_ms)
-                    .fetch_one(&self.pool)
-                    .await?
-                }
-            };
+            let scope = key_id.map_or(SpendScope::Org, SpendScope::Key);
+            let (spent,): (i64,) = spend_query::<Sqlite>(org_id, scope, since_ms).build_query_as().fetch_one(&self.pool).await?;
             Ok(spent)
         })
     }

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use marga_store::{LedgerEntry, Repos};
+use marga_store::{KeyRecord, LedgerEntry, Repos};
 
 use crate::backend::Ctx;
-use crate::fixtures::{charge, funded_org, lease, line, now_ms, org};
+use crate::fixtures::{charge, funded_org, key, lease, line, now_ms, org};
 
 /// The org's `(balance, charges)` summed from its ledger lines themselves, page by page: what
 /// the running sums `balance` and `totals` read must always equal.
@@ -343,4 +343,57 @@ pub(crate) async fn spend_since_per_org_and_per_key(ctx: &Ctx) {
     assert_eq!(repos.spend_since("b", Some("k1"), 0).await.unwrap(), 80);
     assert_eq!(repos.spend_since("b", Some("k2"), 0).await.unwrap(), 0);
     assert_eq!(repos.spend_since("zz", None, 0).await.unwrap(), 0);
+}
+
+/// Spend read from the 15-minute rollup equals the sum of the charge lines, for the org, a
+/// key, a workspace and a member, from windows that start on a bucket and inside one, after
+/// lines written by `append` and by `charge`, some twice.
+pub(crate) async fn spend_rollups_equal_the_ledger_sums(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    repos.create_org(&org("a")).await.unwrap();
+    repos.create_org(&org("b")).await.unwrap();
+    for (id, member) in [("k1", "m1"), ("k2", "m1"), ("k3", "m2")] {
+        repos.create_key(&KeyRecord { member_id: Some(member.into()), ..key(id, "a", 1) }).await.unwrap();
+    }
+    const QUARTER: i64 = 15 * 60 * 1000;
+    let day_start = 1_764_633_600_000; // a UTC midnight
+    let keys = ["k1", "k2", "k3"];
+    let lines: Vec<LedgerEntry> = (0..300_i64)
+        .map(|i| {
+            // Spread over about five hours, some on bucket edges.
+            let at = day_start + i * 61_000 + if i % 7 == 0 { QUARTER - 61_000 * (i % 3) } else { 0 };
+            let mut e = line(if i % 10 == 9 { "b" } else { "a" }, "charge", &format!("g{i}"), -(i * 13 + 1), at);
+            e.key_id = Some(keys[(i % 3) as usize].into());
+            e.workspace_id = (i % 4 == 0).then(|| "w1".into());
+            e
+        })
+        .collect();
+    repos.append(&lines[..100]).await.unwrap();
+    repos.append(&lines[50..150]).await.unwrap(); // half of it again
+    let charges: Vec<_> = lines[150..]
+        .iter()
+        .map(|e| marga_store::Charge { entry: e.clone(), lease_id: None })
+        .collect();
+    repos.charge(&charges).await.unwrap();
+    repos.charge(&charges[..60]).await.unwrap(); // a replayed journal
+    repos.append(&[line("a", "refund", "g3", 40, day_start + 5)]).await.unwrap(); // not spend
+
+    let spent = |since: i64, keep: &dyn Fn(&LedgerEntry) -> bool| -> i64 {
+        lines.iter().filter(|e| e.org_id == "a" && e.created_at_ms >= since && keep(e)).map(|e| -e.amount_nanos).sum()
+    };
+    let is_key = |k: &'static str| move |e: &LedgerEntry| e.key_id.as_deref() == Some(k);
+    for since in [0, day_start, day_start + QUARTER, day_start + 3 * QUARTER + 1, day_start + 100 * 61_000 + 17, day_start + 10 * QUARTER * 4] {
+        assert_eq!(repos.spend_since("a", None, since).await.unwrap(), spent(since, &|_| true), "org since {since}");
+        for k in keys {
+            assert_eq!(repos.spend_since("a", Some(k), since).await.unwrap(), spent(since, &is_key(k)), "{k} since {since}");
+        }
+        let in_w1 = |e: &LedgerEntry| e.workspace_id.as_deref() == Some("w1");
+        assert_eq!(repos.workspace_spend_since("a", "w1", since).await.unwrap(), spent(since, &in_w1), "w1 since {since}");
+        let of_m1 = |e: &LedgerEntry| matches!(e.key_id.as_deref(), Some("k1" | "k2"));
+        assert_eq!(repos.member_spend_since("a", "m1", since).await.unwrap(), spent(since, &of_m1), "m1 since {since}");
+    }
+    assert_eq!(repos.spend_since("b", Some("k1"), 0).await.unwrap(), lines.iter().filter(|e| e.org_id == "b" && e.key_id.as_deref() == Some("k1")).map(|e| -e.amount_nanos).sum::<i64>());
+    for org_id in ["a", "b"] {
+        assert_balance_is_the_ledger_sum(repos, org_id).await;
+    }
 }

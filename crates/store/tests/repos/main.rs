@@ -64,6 +64,7 @@ suite!(
     ledger::expired_and_closed_leases_release_their_unused_part,
     ledger::renew_lease_only_while_live,
     ledger::spend_since_per_org_and_per_key,
+    ledger::spend_rollups_equal_the_ledger_sums,
     generations::repos_upcast_to_each_repository,
     members::members_keep_an_owner_a_cap_and_unique_emails,
     members::removing_a_member_revokes_their_management_keys_only,
