@@ -26,6 +26,13 @@ use crate::{BoxFuture, SettingsRepo, StoreError};
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection for every write transaction ([`SqliteStore::begin_write`]). SQLite lets
+    /// one writer in at a time anyway; a connection's page cache is dropped whenever another
+    /// connection has written since its last transaction, so with the request log and the
+    /// ledger writing through different pool connections each batch re-read its B-tree pages.
+    /// On one connection they stay cached, and writers queue here rather than in SQLite's
+    /// busy handler.
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -44,15 +51,17 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        Ok(SqliteStore { pool, writer })
     }
 
-    /// A write transaction holding SQLite's write lock from its first statement.
+    /// A write transaction holding SQLite's write lock from its first statement, on the
+    /// writer connection (nothing may begin another one while it is open).
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 
