@@ -5,6 +5,7 @@
 //! conversion is a function from input to `Result<output, ConvertError>`, and every stream
 //! translator is a state machine fed one upstream event at a time.
 
+pub mod answer;
 pub mod anthropic;
 pub mod error;
 pub mod gemini;

@@ -103,7 +103,7 @@ impl ChatChunk {
 }
 
 /// The `id` and `model` every chunk of a relayed stream carries, also as JSON strings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Identity {
     id: String,
     model: String,
@@ -123,6 +123,14 @@ impl Identity {
 
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    pub(crate) fn id_json(&self) -> &str {
+        &self.id_json
+    }
+
+    pub(crate) fn model_json(&self) -> &str {
+        &self.model_json
     }
 }
 
@@ -209,10 +217,7 @@ impl RelayedChunk {
         if view.usage.is_some() || !is_string(view.id) || !is_string(view.model) {
             return Err(json);
         }
-        let span = |part: &str| {
-            let start = part.as_ptr() as usize - json.as_ptr() as usize;
-            start..start + part.len()
-        };
+        let span = |part: &str| span_in(&json, part);
         let text = match view.choices.first().and_then(|c| c.delta.content.as_ref()) {
             None => Text::None,
             Some(Cow::Borrowed(text)) => Text::At(span(text)),
@@ -227,19 +232,31 @@ impl RelayedChunk {
 
     /// The JSON with `id` and `model` put in place of the upstream's.
     fn write_json(&self, identity: &Identity, out: &mut Vec<u8>) {
-        let (id, model) = (identity.id_json.as_str(), identity.model_json.as_str());
-        let (first, first_value, second, second_value) = if self.id.start < self.model.start {
-            (&self.id, id, &self.model, model)
-        } else {
-            (&self.model, model, &self.id, id)
-        };
-        let json = self.json.as_bytes();
-        out.extend_from_slice(&json[..first.start]);
-        out.extend_from_slice(first_value.as_bytes());
-        out.extend_from_slice(&json[first.end..second.start]);
-        out.extend_from_slice(second_value.as_bytes());
-        out.extend_from_slice(&json[second.end..]);
+        let mut parts = [
+            (self.id.clone(), identity.id_json.as_bytes()),
+            (self.model.clone(), identity.model_json.as_bytes()),
+        ];
+        splice(self.json.as_bytes(), &mut parts, out);
     }
+}
+
+/// Writes `json` to `out` with each span replaced by its value (spans that do not overlap,
+/// in any order).
+pub(crate) fn splice(json: &[u8], parts: &mut [(Range<usize>, &[u8])], out: &mut Vec<u8>) {
+    parts.sort_unstable_by_key(|(span, _)| span.start);
+    let mut at = 0;
+    for (span, value) in parts.iter() {
+        out.extend_from_slice(&json[at..span.start]);
+        out.extend_from_slice(value);
+        at = span.end;
+    }
+    out.extend_from_slice(&json[at..]);
+}
+
+/// Where `part`, a slice of `whole`, lies in it.
+pub(crate) fn span_in(whole: &str, part: &str) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! OpenAI wire types: unknown parameters survive the trip upstream, Marga's extensions do not,
-//! and no input — however malformed — makes parsing panic.
+//! relayed answers and chunks say what the typed ones say, and no input — however malformed —
+//! makes parsing panic.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use marga_protocol::openai::{
     ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EmbeddingResponse, Outbound,
     StreamOptions,
 };
+use marga_protocol::answer::ChatAnswer;
+use marga_protocol::relayed::{ChatChunk, Identity};
 use marga_protocol::routing::RoutingExtensions;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -68,11 +71,16 @@ fn chunks_and_other_requests_parse() {
 
 /// Arbitrary JSON, nested a few levels, biased towards the keys a chat request has.
 fn arb_json() -> impl Strategy<Value = Value> {
+    arb_json_with(any::<f64>().prop_filter("finite", |f| f.is_finite()).boxed())
+}
+
+/// [`arb_json`] with its floats drawn from `floats`.
+fn arb_json_with(floats: BoxedStrategy<f64>) -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        floats.prop_map(|f| json!(f)),
         "[a-z \\u{1F600}\\u{0}\"]{0,12}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
@@ -126,8 +134,68 @@ fn embedding_vectors_are_relayed_as_written() {
     assert_eq!(response.data[1].embedding.to_floats(), None);
 }
 
+/// Up to three fields Marga does not know, of any JSON value. Its floats are quarters, which
+/// every parse reads exactly: serde_json's default float parsing can be one bit off, so a
+/// value parsed twice (as a typed answer is, and not a relayed one) could differ in its last
+/// digit, which is not what these properties are about.
+fn arb_unknown() -> impl Strategy<Value = serde_json::Map<String, Value>> {
+    let quarters = (-4_000_000i32..4_000_000).prop_map(|n| f64::from(n) / 4.0).boxed();
+    prop::collection::btree_map("x_[a-z_]{1,10}", arb_json_with(quarters), 0..3).prop_map(|m| m.into_iter().collect())
+}
+
+fn with_unknown(mut value: Value, unknown: serde_json::Map<String, Value>) -> Value {
+    value.as_object_mut().unwrap().extend(unknown);
+    value
+}
+
+/// A valid upstream chat answer with usage, unknown fields at every level.
+fn arb_answer() -> impl Strategy<Value = Value> {
+    let content = prop_oneof![Just(Value::Null), "[a-z \\n\"\u{e9}\u{1F600}]{0,20}".prop_map(Value::String)];
+    let message = (content, arb_unknown()).prop_map(|(c, u)| with_unknown(json!({"role": "assistant", "content": c}), u));
+    let finish = prop_oneof![Just(Value::Null), Just(json!("stop")), Just(json!("length")), Just(json!("vendor_reason"))];
+    let choice = (message, finish, arb_unknown())
+        .prop_map(|(m, f, u)| with_unknown(json!({"index": 0, "message": m, "logprobs": null, "finish_reason": f}), u));
+    let usage = (0u32..5000, 0u32..5000, arb_unknown())
+        .prop_map(|(p, c, u)| with_unknown(json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}), u));
+    (prop::collection::vec(choice, 0..3), usage, arb_unknown()).prop_map(|(choices, usage, u)| {
+        let answer = json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "up",
+                            "choices": choices, "usage": usage});
+        with_unknown(answer, u)
+    })
+}
+
+/// What the gateway does to an answer before writing it out.
+fn as_the_gateway_writes(mut answer: ChatAnswer) -> Value {
+    answer.set_identity("gen-1", "team/model");
+    if let Some(usage) = answer.usage_mut() {
+        usage.completion_tokens += 1;
+    }
+    serde_json::from_slice(&answer.to_json().unwrap()).unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn upstream_answers_and_chunks_of_any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        if let Ok(mut answer) = ChatAnswer::from_upstream_json(bytes.clone()) {
+            answer.set_identity("gen-1", "m");
+            let _ = answer.to_json();
+        }
+        if let Ok(chunk) = ChatChunk::from_upstream_json(String::from_utf8_lossy(&bytes).into_owned()) {
+            let _ = chunk.write_json(&Identity::new("gen-1", "m"), &mut Vec::new());
+        }
+    }
+
+    #[test]
+    fn a_relayed_answer_says_and_writes_what_the_typed_answer_does(answer in arb_answer()) {
+        let relayed = ChatAnswer::from_upstream_json(answer.to_string().into_bytes()).unwrap();
+        prop_assert!(matches!(relayed, ChatAnswer::Relayed(_)), "a plain answer with usage is relayed");
+        let parsed = ChatAnswer::Parsed(serde_json::from_value(answer).unwrap());
+        prop_assert_eq!(relayed.finish_reason(), parsed.finish_reason());
+        prop_assert_eq!(relayed.text(), parsed.text());
+        prop_assert_eq!(as_the_gateway_writes(relayed), as_the_gateway_writes(parsed));
+    }
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {

@@ -15,13 +15,14 @@ use marga_protocol::anthropic::{
     API_VERSION,
 };
 use marga_protocol::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, EmbeddingRequest, EmbeddingResponse,
+    ChatCompletionChunk, ChatCompletionRequest, EmbeddingRequest, EmbeddingResponse,
 };
 use marga_protocol::ConvertError;
 
 use crate::http::{self, Outgoing, Reply, Step};
 use ::http::header::{HeaderName, HeaderValue, ACCEPT};
 use ::http::{Method, Uri};
+use marga_protocol::answer::ChatAnswer;
 use marga_protocol::relayed::ChatChunk;
 
 use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
@@ -161,11 +162,11 @@ impl Provider for AnthropicProvider {
     fn chat<'a>(
         &'a self,
         call: Call<'a, ChatCompletionRequest>,
-    ) -> BoxFuture<'a, Result<ChatCompletionResponse, ProviderError>> {
+    ) -> BoxFuture<'a, Result<ChatAnswer, ProviderError>> {
         Box::pin(async move {
             let response = self.send(call, false).await?;
             let message: MessagesResponse = http::read_json(response, PROTOCOL).await?;
-            Ok(from_messages_response(message, unix_now()))
+            Ok(from_messages_response(message, unix_now()).into())
         })
     }
 

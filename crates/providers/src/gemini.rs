@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::http::{self, Reply, Step};
 use ::http::header::{HeaderName, HeaderValue, ACCEPT};
 use ::http::Method;
+use marga_protocol::answer::ChatAnswer;
 use marga_protocol::relayed::ChatChunk;
 
 use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
@@ -174,8 +175,8 @@ impl Provider for GeminiProvider {
     fn chat<'a>(
         &'a self,
         call: Call<'a, ChatCompletionRequest>,
-    ) -> BoxFuture<'a, Result<ChatCompletionResponse, ProviderError>> {
-        Box::pin(self.chat_once(call))
+    ) -> BoxFuture<'a, Result<ChatAnswer, ProviderError>> {
+        Box::pin(async move { self.chat_once(call).await.map(ChatAnswer::from) })
     }
 
     fn chat_stream<'a>(

@@ -29,9 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use marga_protocol::answer::ChatAnswer;
 use marga_protocol::relayed::ChatChunk;
 use marga_protocol::openai::{
-    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    ChatCompletionRequest, CompletionRequest,
     CompletionResponse, EmbeddingRequest, EmbeddingResponse,
 };
 
@@ -120,7 +121,7 @@ pub trait Provider: Send + Sync {
     fn chat<'a>(
         &'a self,
         call: Call<'a, ChatCompletionRequest>,
-    ) -> BoxFuture<'a, Result<ChatCompletionResponse, ProviderError>>;
+    ) -> BoxFuture<'a, Result<ChatAnswer, ProviderError>>;
 
     /// Resolves once the upstream accepted the request (status and headers received);
     /// the stream then yields chunks as they arrive.
@@ -141,7 +142,8 @@ pub trait Provider: Send + Sync {
     ) -> BoxFuture<'a, Result<CompletionResponse, ProviderError>> {
         Box::pin(async move {
             let chat = marga_protocol::legacy::completion_to_chat(call.request);
-            let response = self.chat(Call { request: &chat, upstream_model: call.upstream_model, api_key: call.api_key }).await?;
+            let answer = self.chat(Call { request: &chat, upstream_model: call.upstream_model, api_key: call.api_key }).await?;
+            let response = answer.into_parsed().map_err(|e| ProviderError::malformed("OpenAI", e))?;
             Ok(marga_protocol::legacy::chat_to_completion(response))
         })
     }

@@ -4,9 +4,10 @@
 
 use marga_protocol::sse::Event;
 use futures::{Stream, StreamExt};
+use marga_protocol::answer::ChatAnswer;
 use marga_protocol::relayed::ChatChunk;
 use marga_protocol::openai::{
-    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    ChatCompletionRequest, CompletionRequest,
     CompletionResponse, EmbeddingRequest, EmbeddingResponse, Outbound, StreamOptions,
 };
 use serde::de::DeserializeOwned;
@@ -208,8 +209,13 @@ impl Provider for OpenAiProvider {
     fn chat<'a>(
         &'a self,
         call: Call<'a, ChatCompletionRequest>,
-    ) -> BoxFuture<'a, Result<ChatCompletionResponse, ProviderError>> {
-        Box::pin(self.send("/chat/completions", call))
+    ) -> BoxFuture<'a, Result<ChatAnswer, ProviderError>> {
+        Box::pin(async move {
+            let body = Outbound { model: call.upstream_model, stream: false, stream_options: None, body: call.request };
+            let response = http::post_json(self.post("/chat/completions", call.api_key)?, &body).await?;
+            let json = http::read_bytes(response).await?;
+            ChatAnswer::from_upstream_json(json).map_err(|e| ProviderError::malformed(PROTOCOL, e))
+        })
     }
 
     fn chat_stream<'a>(

@@ -13,6 +13,7 @@ use marga_protocol::openai::{
 };
 use sha2::{Digest, Sha256};
 
+use marga_protocol::answer::ChatAnswer;
 use marga_protocol::relayed::ChatChunk;
 
 use crate::{BoxFuture, Call, ChunkStream, Provider, ProviderError, ProviderKind};
@@ -189,8 +190,8 @@ impl Provider for SandboxProvider {
     fn chat<'a>(
         &'a self,
         call: Call<'a, ChatCompletionRequest>,
-    ) -> BoxFuture<'a, Result<ChatCompletionResponse, ProviderError>> {
-        Box::pin(async move { Ok(response(call.request, call.upstream_model)) })
+    ) -> BoxFuture<'a, Result<ChatAnswer, ProviderError>> {
+        Box::pin(async move { Ok(response(call.request, call.upstream_model).into()) })
     }
 
     fn chat_stream<'a>(

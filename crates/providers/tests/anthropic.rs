@@ -73,7 +73,7 @@ fn content_of(chunks: &[ChatCompletionChunk]) -> String {
 async fn chat_text_and_wire_request() {
     let (mock, provider) = setup(Some(KEY)).await;
     mock.set_scenario(Scenario { reply: Some("Hello from the mock".into()), ..Scenario::default() });
-    let response = provider.chat(call(&text_request())).await.unwrap();
+    let response = provider.chat(call(&text_request())).await.unwrap().into_parsed().unwrap();
     let choice = &response.choices[0];
     assert_eq!(choice.message.content.as_deref(), Some("Hello from the mock"));
     assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
@@ -118,7 +118,7 @@ async fn chat_stream_text() {
 #[tokio::test]
 async fn chat_tool_call() {
     let (_mock, provider) = setup(Some(KEY)).await;
-    let response = provider.chat(call(&tool_request())).await.unwrap();
+    let response = provider.chat(call(&tool_request())).await.unwrap().into_parsed().unwrap();
     let choice = &response.choices[0];
     assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls));
     let calls = choice.message.tool_calls.as_ref().unwrap();

@@ -102,7 +102,7 @@ fn assert_stream_shape(chunks: &[ChatCompletionChunk]) {
 async fn chat_text() {
     let (mock, provider) = setup().await;
     mock.set_scenario(reply_scenario());
-    let response = provider.chat(call(&hello())).await.unwrap();
+    let response = provider.chat(call(&hello())).await.unwrap().into_parsed().unwrap();
     assert_eq!(response.choices[0].message.content.as_deref(), Some(REPLY));
     assert_eq!(response.choices[0].finish_reason, Some(FinishReason::Stop));
     assert!(response.id.starts_with("chatcmpl-"), "{}", response.id);
@@ -142,7 +142,7 @@ async fn tool_call_round_trip() {
         "model": "m", "tools": weather_tools(), "tool_choice": "required",
         "messages": [{"role": "user", "content": "Weather in Paris?"}]
     }));
-    let response = provider.chat(call(&first)).await.unwrap();
+    let response = provider.chat(call(&first)).await.unwrap().into_parsed().unwrap();
     let choice = &response.choices[0];
     assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls));
     let tool_call = &choice.message.tool_calls.as_ref().unwrap()[0];
@@ -160,7 +160,7 @@ async fn tool_call_round_trip() {
             {"role": "tool", "tool_call_id": tool_call.id, "content": "21C and sunny"}
         ]
     }));
-    let answer = provider.chat(call(&second)).await.unwrap();
+    let answer = provider.chat(call(&second)).await.unwrap().into_parsed().unwrap();
     assert_eq!(answer.choices[0].message.content.as_deref(), Some("Tool said: 21C and sunny"));
     let sent = mock.last_request().unwrap().body;
     assert_eq!(sent["contents"][2]["parts"][0]["functionResponse"]["name"], "get_weather");

@@ -82,7 +82,7 @@ pub async fn run(state: &AppState, slots: &ProviderSlots, item: Item<'_>) -> Res
             let (mut ctx, plan) = begin(state, &item, &request.model, &ext, shape).await?;
             let _slot = slots.acquire(&plan).await;
             let (served, _) = chat_whole(state, &mut ctx, &plan, &request, ext.upstream_key.as_deref()).await?;
-            to_value(serde_json::to_value(&served.value))
+            to_value(served.value.to_json().and_then(|json| serde_json::from_slice(&json)))
         }
     }
 }

@@ -8,8 +8,9 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use marga_protocol::answer::ChatAnswer;
 use marga_protocol::openai::{
-    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, FinishReason, Usage,
+    ChatCompletionRequest, CompletionRequest, CompletionResponse, FinishReason, Usage,
 };
 use marga_providers::Call;
 
@@ -169,23 +170,22 @@ pub(crate) async fn chat_whole(
     plan: &Plan,
     request: &ChatCompletionRequest,
     key: Option<&str>,
-) -> Result<(Served<ChatCompletionResponse>, Option<Money>), ApiError> {
+) -> Result<(Served<ChatAnswer>, Option<Money>), ApiError> {
     let mut served = first_success(ctx, &plan.candidates, &state.routing, |c| async move {
         let call = Call { request, upstream_model: &c.route.upstream_model, api_key: key };
         c.route.provider.client.chat(call).await
     })
     .await
     .map_err(|e| record_failure(state, ctx, e))?;
-    let response = &mut served.value;
-    let estimated = response.usage.is_none();
+    let answer = &mut served.value;
+    let estimated = answer.usage_mut().is_none();
     if estimated {
-        let text: String = response.choices.iter().filter_map(|c| c.message.content.as_deref()).collect();
-        response.usage = Some(Usage::new(tokens::prompt_tokens(request), tokens::count(&text)));
+        let usage = Usage::new(tokens::prompt_tokens(request), tokens::count(&answer.text()));
+        *answer.usage_mut() = Some(usage);
     }
-    response.id.clone_from(&ctx.id);
-    response.model.clone_from(&served.candidate.model.id);
-    let finish = finish_reason_text(response.choices.first().and_then(|c| c.finish_reason.as_ref()));
-    let cost = settle_whole(state, ctx, &mut served, |r| &mut r.usage, estimated, finish).await?;
+    answer.set_identity(&ctx.id, &served.candidate.model.id);
+    let finish = finish_reason_text(answer.finish_reason());
+    let cost = settle_whole(state, ctx, &mut served, ChatAnswer::usage_mut, estimated, finish).await?;
     Ok((served, cost))
 }
 
@@ -243,7 +243,7 @@ pub async fn chat_completions(
         return Ok(stream_response(&state, ctx, &plan, served, Box::new(move || tokens::prompt_tokens(&request))));
     }
     let (served, cost) = chat_whole(&state, &mut ctx, &plan, &request, key).await?;
-    Ok(json_response(&served.value, &ctx, &plan, &served.candidate, cost))
+    Ok(json_response(served.value.to_json(), &ctx, &plan, &served.candidate, cost))
 }
 
 pub async fn completions(
@@ -274,5 +274,5 @@ pub async fn completions(
         return Ok(stream_response(&state, ctx, &plan, served, estimate));
     }
     let (served, cost) = completion_whole(&state, &mut ctx, &plan, &request, key).await?;
-    Ok(json_response(&served.value, &ctx, &plan, &served.candidate, cost))
+    Ok(json_response(serde_json::to_vec(&served.value), &ctx, &plan, &served.candidate, cost))
 }

@@ -53,7 +53,7 @@ pub async fn embeddings(
     let (mut ctx, plan) = begin_request(&state, Sender { principal, headers: &headers, peer }, &request.model, &ext, shape, request.user.as_deref()).await?;
     let key = ext.upstream_key.as_deref();
     let (served, cost) = embeddings_whole(&state, &mut ctx, &plan, &request, key).await?;
-    Ok(json_response(&served.value, &ctx, &plan, &served.candidate, cost))
+    Ok(json_response(serde_json::to_vec(&served.value), &ctx, &plan, &served.candidate, cost))
 }
 
 /// An embeddings answer: attempts with failover, estimated usage when the upstream reports

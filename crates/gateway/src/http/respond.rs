@@ -8,7 +8,6 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::Stream;
-use serde::Serialize;
 
 use super::AppState;
 use crate::error::ApiError;
@@ -75,8 +74,14 @@ fn insert(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
     }
 }
 
-pub fn json_response(value: &impl Serialize, ctx: &RequestCtx, plan: &Plan, candidate: &Candidate, cost: Option<Money>) -> Response {
-    let body = match serde_json::to_vec(value) {
+pub fn json_response(
+    body: Result<Vec<u8>, serde_json::Error>,
+    ctx: &RequestCtx,
+    plan: &Plan,
+    candidate: &Candidate,
+    cost: Option<Money>,
+) -> Response {
+    let body = match body {
         Ok(body) => body,
         Err(e) => return ApiError::Internal(e.into()).into_response(),
     };

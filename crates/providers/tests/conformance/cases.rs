@@ -45,7 +45,7 @@ fn always_fail(status: u16) -> Scenario {
 }
 
 pub async fn chat_text(f: &Fixture) {
-    let response = f.provider.chat(call(&hello())).await.unwrap();
+    let response = f.provider.chat(call(&hello())).await.unwrap().into_parsed().unwrap();
     assert_eq!(response.object, "chat.completion");
     assert!(!response.id.is_empty());
     assert_eq!(response.model, UPSTREAM_MODEL);
@@ -70,7 +70,7 @@ pub async fn chat_stream_text(f: &Fixture) {
 }
 
 pub async fn tool_call(f: &Fixture) {
-    let response = f.provider.chat(call(&tool_request())).await.unwrap();
+    let response = f.provider.chat(call(&tool_request())).await.unwrap().into_parsed().unwrap();
     let choice = &response.choices[0];
     assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls));
     let calls = choice.message.tool_calls.as_ref().expect("a tool call");
@@ -95,7 +95,7 @@ pub async fn tool_call_stream(f: &Fixture) {
 
 pub async fn tool_round_trip(f: &Fixture) {
     let request = tool_round_trip_request();
-    let response = f.provider.chat(call(&request)).await.unwrap();
+    let response = f.provider.chat(call(&request)).await.unwrap().into_parsed().unwrap();
     let choice = &response.choices[0];
     assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
     let text = choice.message.content.as_deref().unwrap_or_default();
@@ -114,21 +114,21 @@ pub async fn system_and_multi_turn(f: &Fixture) {
         {"role": "assistant", "content": "First answer"},
         {"role": "user", "content": USER_TEXT}
     ]}));
-    let response = f.provider.chat(call(&request)).await.unwrap();
+    let response = f.provider.chat(call(&request)).await.unwrap().into_parsed().unwrap();
     assert_eq!(response.choices[0].message.content.as_deref(), Some(expected_reply(USER_TEXT).as_str()));
     let usage = response.usage.unwrap();
-    let single = f.provider.chat(call(&hello())).await.unwrap().usage.unwrap();
+    let single = f.provider.chat(call(&hello())).await.unwrap().into_parsed().unwrap().usage.unwrap();
     assert!(usage.prompt_tokens > single.prompt_tokens, "the whole conversation was counted");
 }
 
 pub async fn stop_and_max_tokens(f: &Fixture) {
     let capped = chat_request(json!({"messages": [{"role": "user", "content": USER_TEXT}], "max_tokens": 2}));
-    let response = f.provider.chat(call(&capped)).await.unwrap();
+    let response = f.provider.chat(call(&capped)).await.unwrap().into_parsed().unwrap();
     assert_eq!(response.choices[0].message.content.as_deref(), Some("Mock reply"));
     assert_eq!(response.choices[0].finish_reason, Some(FinishReason::Length));
 
     let stopped = chat_request(json!({"messages": [{"role": "user", "content": USER_TEXT}], "stop": ["to:"]}));
-    let response = f.provider.chat(call(&stopped)).await.unwrap();
+    let response = f.provider.chat(call(&stopped)).await.unwrap().into_parsed().unwrap();
     let text = response.choices[0].message.content.clone().unwrap_or_default();
     assert_eq!(text.trim_end(), "Mock reply");
     assert_eq!(response.choices[0].finish_reason, Some(FinishReason::Stop));
@@ -143,7 +143,7 @@ pub async fn json_mode(f: &Fixture) {
         "messages": [{"role": "user", "content": USER_TEXT}],
         "response_format": {"type": "json_object"},
     }));
-    let response = f.provider.chat(call(&request)).await.unwrap();
+    let response = f.provider.chat(call(&request)).await.unwrap().into_parsed().unwrap();
     let text = response.choices[0].message.content.clone().unwrap_or_default();
     assert!(!text.is_empty());
     if f.caps.json_mode {
@@ -272,7 +272,7 @@ pub async fn api_key_override(f: &Fixture) {
     f.provider.completions(byok(&legacy)).await.unwrap();
     f.assert_sent_key(OVERRIDE_KEY);
     // A keyless provider works with a per-call key alone.
-    f.provider_with_key(None).chat(byok(&request)).await.unwrap();
+    f.provider_with_key(None).chat(byok(&request)).await.unwrap().into_parsed().unwrap();
     f.assert_sent_key(OVERRIDE_KEY);
     if f.caps.embeddings {
         let embed = embedding_request(json!({"input": "hello"}));

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use marga_protocol::answer::ChatAnswer;
 use marga_protocol::openai::{ChatCompletionChunk, FinishReason};
 use marga_providers::{ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
 use mock_upstream::{MockUpstream, Scenario};
@@ -43,7 +44,9 @@ async fn unknown_parameters_reach_the_upstream_untouched() {
         "user": "end-user-1",
     });
     let request = hello(extra.clone());
-    let response = provider.chat(call(&request)).await.unwrap();
+    let answer = provider.chat(call(&request)).await.unwrap();
+    assert!(matches!(answer, ChatAnswer::Relayed(_)), "an answer with usage is relayed as its text");
+    let response = answer.into_parsed().unwrap();
     assert_eq!(response.model, UPSTREAM_MODEL);
     let body = sent_body(&mock);
     for (name, value) in extra.as_object().unwrap() {

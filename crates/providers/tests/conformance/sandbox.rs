@@ -29,7 +29,7 @@ fn tools() -> Value {
 
 #[tokio::test]
 async fn chat() {
-    let response = sandbox().chat(call(&hello())).await.unwrap();
+    let response = sandbox().chat(call(&hello())).await.unwrap().into_parsed().unwrap();
     assert_eq!(response.model, UPSTREAM_MODEL);
     assert_eq!(response.object, "chat.completion");
     let choice = &response.choices[0];
@@ -43,7 +43,7 @@ async fn chat() {
 #[tokio::test]
 async fn stream_matches_chat() {
     let provider = sandbox();
-    let full = provider.chat(call(&hello())).await.unwrap();
+    let full = provider.chat(call(&hello())).await.unwrap().into_parsed().unwrap();
     let chunks = all_ok(collect_chat(provider.chat_stream(call(&hello())).await.unwrap()).await);
     assert_eq!(content(&chunks), full.choices[0].message.content.clone().unwrap());
     assert_complete_stream(&chunks, FinishReason::Stop);
@@ -54,7 +54,7 @@ async fn stream_matches_chat() {
 async fn tool_call_when_tools_are_declared() {
     let provider = sandbox();
     let request = chat_request(json!({"messages": [{"role": "user", "content": "Weather?"}], "tools": tools()}));
-    let response = provider.chat(call(&request)).await.unwrap();
+    let response = provider.chat(call(&request)).await.unwrap().into_parsed().unwrap();
     let choice = &response.choices[0];
     assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls));
     let calls = choice.message.tool_calls.as_ref().unwrap();
@@ -75,7 +75,7 @@ async fn tool_choice_is_honoured() {
     let none = chat_request(json!({
         "messages": [{"role": "user", "content": "Weather?"}], "tools": tools(), "tool_choice": "none",
     }));
-    let response = provider.chat(call(&none)).await.unwrap();
+    let response = provider.chat(call(&none)).await.unwrap().into_parsed().unwrap();
     assert_eq!(response.choices[0].finish_reason, Some(FinishReason::Stop));
     assert!(response.choices[0].message.tool_calls.is_none());
 
@@ -83,7 +83,7 @@ async fn tool_choice_is_honoured() {
         "messages": [{"role": "user", "content": "Time?"}], "tools": tools(),
         "tool_choice": {"type": "function", "function": {"name": "get_time"}},
     }));
-    let response = provider.chat(call(&named)).await.unwrap();
+    let response = provider.chat(call(&named)).await.unwrap().into_parsed().unwrap();
     assert_eq!(response.choices[0].message.tool_calls.as_ref().unwrap()[0].function.name, "get_time");
 }
 
@@ -98,7 +98,7 @@ async fn tool_result_gets_a_text_answer() {
         ],
         "tools": tools(),
     }));
-    let response = sandbox().chat(call(&request)).await.unwrap();
+    let response = sandbox().chat(call(&request)).await.unwrap().into_parsed().unwrap();
     assert_eq!(response.choices[0].finish_reason, Some(FinishReason::Stop));
     assert!(response.choices[0].message.content.as_deref().unwrap().contains("Sunny"));
 }
@@ -108,7 +108,7 @@ async fn json_mode_replies_with_json() {
     let request = chat_request(json!({
         "messages": [{"role": "user", "content": "Hello sandbox"}], "response_format": {"type": "json_object"},
     }));
-    let response = sandbox().chat(call(&request)).await.unwrap();
+    let response = sandbox().chat(call(&request)).await.unwrap().into_parsed().unwrap();
     let parsed: Value = serde_json::from_str(response.choices[0].message.content.as_deref().unwrap()).unwrap();
     assert_eq!(parsed["echo"], "Hello sandbox");
 }
