@@ -25,6 +25,15 @@ impl KeyHash {
         hex::encode(self.0)
     }
 
+    /// The same lowercase hex as [`KeyHash::to_hex`], on the stack (a cache lookup per request
+    /// needs no allocation).
+    pub fn hex(&self) -> KeyHashHex {
+        let mut out = [0u8; 64];
+        // Cannot fail: 32 bytes always fill 64 hex digits.
+        let _ = hex::encode_to_slice(self.0, &mut out);
+        KeyHashHex(out)
+    }
+
     pub fn from_hex(s: &str) -> Option<KeyHash> {
         let bytes = hex::decode(s).ok()?;
         Some(KeyHash(bytes.try_into().ok()?))
@@ -33,6 +42,15 @@ impl KeyHash {
     /// Compares in constant time.
     pub fn matches(&self, other: &KeyHash) -> bool {
         self.0.ct_eq(&other.0).into()
+    }
+}
+
+/// A key hash's hex digits (see [`KeyHash::hex`]).
+pub struct KeyHashHex([u8; 64]);
+
+impl KeyHashHex {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
