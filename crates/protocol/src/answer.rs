@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::openai::{ChatCompletionResponse, FinishReason, Role, Usage};
-use crate::relayed::{span_in, splice, Identity};
+use crate::relayed::{span_in, splice, Identity, View};
 
 /// A whole chat answer.
 #[derive(Clone, Debug, PartialEq)]
@@ -132,23 +132,8 @@ pub struct RelayedAnswer {
     identity: Option<Identity>,
 }
 
-/// The parts of an answer the gateway reads; the rest is type-checked, not built.
-#[derive(Deserialize)]
-struct View<'a> {
-    #[serde(borrow)]
-    id: &'a RawValue,
-    #[serde(rename = "object", borrow)]
-    _object: &'a RawValue,
-    #[serde(rename = "created")]
-    _created: u64,
-    #[serde(borrow)]
-    model: &'a RawValue,
-    #[serde(borrow)]
-    choices: Vec<ChoiceView<'a>>,
-    #[serde(default, borrow)]
-    usage: Option<&'a RawValue>,
-}
-
+/// A choice of an answer as the relay reads it (see [`View`]): its finish reason; the message
+/// is type-checked, not built.
 #[derive(Deserialize)]
 struct ChoiceView<'a> {
     #[serde(rename = "index")]
@@ -194,7 +179,7 @@ impl RelayedAnswer {
     /// Reads an answer with usage; gives the text back when it has none, its `id` or `model`
     /// is not a string, or it does not have the fields and types the typed answer requires.
     fn read(json: String) -> Result<Self, String> {
-        let Ok(view) = serde_json::from_str::<View<'_>>(&json) else { return Err(json) };
+        let Ok(view) = serde_json::from_str::<View<'_, ChoiceView<'_>>>(&json) else { return Err(json) };
         let is_string = |raw: &RawValue| raw.get().starts_with('"');
         let Some(usage_raw) = view.usage.filter(|_| is_string(view.id) && is_string(view.model)) else {
             return Err(json);

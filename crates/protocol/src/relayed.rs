@@ -154,21 +154,21 @@ enum Text {
     Owned(String),
 }
 
-/// The parts of a chunk the relay reads; everything else is skipped, not parsed.
+/// The top level of an upstream chunk or answer as the relay reads it: `id`, `model` and
+/// `usage` as written, the choices as `C` reads them; everything else is skipped, not parsed.
 #[derive(Deserialize)]
-struct View<'a> {
+pub(crate) struct View<'a, C> {
     #[serde(borrow)]
-    id: &'a RawValue,
+    pub id: &'a RawValue,
     #[serde(rename = "object", borrow)]
     _object: &'a RawValue,
     #[serde(rename = "created")]
     _created: u64,
     #[serde(borrow)]
-    model: &'a RawValue,
-    #[serde(borrow)]
-    choices: Vec<ChoiceView<'a>>,
+    pub model: &'a RawValue,
+    pub choices: Vec<C>,
     #[serde(default, borrow)]
-    usage: Option<&'a RawValue>,
+    pub usage: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -212,7 +212,7 @@ impl RelayedChunk {
         if memchr::memchr2(b'\n', b'\r', json.as_bytes()).is_some() {
             return Err(json);
         }
-        let Ok(view) = serde_json::from_str::<View<'_>>(&json) else { return Err(json) };
+        let Ok(view) = serde_json::from_str::<View<'_, ChoiceView<'_>>>(&json) else { return Err(json) };
         let is_string = |raw: &RawValue| raw.get().starts_with('"');
         if view.usage.is_some() || !is_string(view.id) || !is_string(view.model) {
             return Err(json);
