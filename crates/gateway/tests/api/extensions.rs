@@ -1,6 +1,7 @@
 //! Marga's request extensions (`optimize`, `provider`, `data_policy`, `upstream_key`,
 //! `models`, `fallbacks`): consumed by the gateway, never forwarded; unknown OpenAI
-//! parameters pass through untouched.
+//! parameters pass through untouched, and so do the fields of an OpenAI-compatible
+//! upstream's answer.
 
 use serde_json::json;
 
@@ -26,6 +27,8 @@ async fn extensions_are_consumed_and_unknown_parameters_pass_through() {
     let reply = app.post_chat(&request).await;
     let body = assert_served(&reply, "test/openai-chat", "openai-main");
     assert_eq!(body["choices"][0]["message"]["content"], mock_reply("hello"));
+    // The upstream's answer comes back as it wrote it, with Marga's id, model and usage.
+    assert_eq!((&body["system_fingerprint"], &body["service_tier"]), (&json!("fp_mock"), &json!("default")));
     let seen = app.mock.last_request().unwrap();
     for key in EXTENSIONS {
         assert!(seen.body.get(key).is_none(), "`{key}` reached the upstream: {}", seen.body);
