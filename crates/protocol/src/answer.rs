@@ -197,16 +197,15 @@ impl RelayedAnswer {
             None => b"null".to_vec(),
         };
         let mut out = Vec::with_capacity(self.json.len() + 64);
-        let mut parts = [(self.usage_at.clone(), usage.as_slice()), (0..0, &[][..]), (0..0, &[][..])];
-        let count = match &self.identity {
+        let (json, usage) = (self.json.as_bytes(), (self.usage_at.clone(), usage.as_slice()));
+        match &self.identity {
             Some(identity) => {
-                parts[1] = (self.id.clone(), identity.id_json().as_bytes());
-                parts[2] = (self.model.clone(), identity.model_json().as_bytes());
-                3
+                let id = (self.id.clone(), identity.id_json().as_bytes());
+                let model = (self.model.clone(), identity.model_json().as_bytes());
+                splice(json, &mut [usage, id, model], &mut out);
             }
-            None => 1,
-        };
-        splice(self.json.as_bytes(), &mut parts[..count], &mut out);
+            None => splice(json, &mut [usage], &mut out),
+        }
         Ok(out)
     }
 }
