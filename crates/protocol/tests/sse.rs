@@ -46,13 +46,16 @@ fn line() -> impl Strategy<Value = String> {
     (field, value, end).prop_map(|(f, v, e)| format!("{f}{v}{e}"))
 }
 
-/// `text` cut at the given points (fractions of its length), moved forward to whole
-/// characters when `whole_chars` (eventsource-stream itself fails on a split one).
-fn cut(text: &str, cuts: &[f64], whole_chars: bool) -> Vec<Vec<u8>> {
+/// `text` cut at the given points (fractions of its length). `for_reference` moves each point
+/// forward past a split character (eventsource-stream fails on one) and past a CR that would
+/// end a chunk (eventsource-stream waits for an LF there, and drops a line end that only the
+/// next chunk completes, which the HTML standard does not).
+fn cut(text: &str, cuts: &[f64], for_reference: bool) -> Vec<Vec<u8>> {
+    let bytes = text.as_bytes();
     let mut points: Vec<usize> = cuts.iter().map(|c| (c * text.len() as f64) as usize).collect();
-    if whole_chars {
+    if for_reference {
         for p in &mut points {
-            while !text.is_char_boundary(*p) {
+            while !text.is_char_boundary(*p) || (*p > 0 && *p < bytes.len() && bytes[*p - 1] == b'\r') {
                 *p += 1;
             }
         }
@@ -75,12 +78,14 @@ proptest! {
         lines in prop::collection::vec(line(), 0..24),
         cuts in prop::collection::vec(0.0..1.0f64, 0..6),
     ) {
-        // eventsource-stream cannot end a line with a lone CR at the end of a chunk (it waits
-        // for a possible LF) nor at the end of the stream, and drops a line end that only the
-        // next chunk completes, which the HTML standard does not; those inputs are left out.
-        let text = lines.concat();
+        // eventsource-stream cannot end the stream with a lone CR (it waits for a possible
+        // LF), so such a stream ends with the LF here; `cut` keeps CRs off chunk ends.
+        let mut text = lines.concat();
+        if text.ends_with('\r') {
+            text.push('\n');
+        }
         let parts = cut(&text, &cuts, true);
-        prop_assume!(!parts.iter().any(|p| p.ends_with(b"\r")));
+        prop_assert!(!parts.iter().any(|p| p.ends_with(b"\r")));
         prop_assert_eq!(decode(&parts), reference(&parts));
     }
 
