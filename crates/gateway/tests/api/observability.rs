@@ -275,6 +275,21 @@ async fn sigterm_right_after_requests_flushes_every_record() {
     assert_all_recorded(&setup.data, &ids).await;
 }
 
+/// mimalloc asks for transparent huge pages; the binary opts out at start, or half its idle
+/// memory would be 2 MiB pages holding a few live blocks each.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_without_transparent_huge_pages() {
+    let setup = setup(None, "").await;
+    let gateway = Gateway::start(&setup.config, &setup.data, &setup.master_key, "thp").await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.child.id())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+    // Kernels before 5.0 do not say; where they do, it must be off.
+    if let Some(line) = line {
+        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_have_one_access_line_per_request_and_no_secret() {
     let setup = setup(None, "[log]\nformat = \"json\"\n").await;
