@@ -85,7 +85,9 @@ impl App {
         let accounts = Arc::new(Accounts::start(store.clone(), master_hash, &config.billing.default_org_currency).await?);
         let lease_ttl = Duration::from_secs(config.billing.lease_ttl_s.max(1));
         let journal = config.data_dir.join("charges.journal");
-        let (ledger, ledger_writer) = Ledger::start(store.clone(), lease_ttl, Some(&journal)).await?;
+        // A journal lane per serving thread, and one for the background threads (batches).
+        let lanes = config.server.serving_threads() + 1;
+        let (ledger, ledger_writer) = Ledger::start(store.clone(), lease_ttl, Some((&journal, lanes))).await?;
         let health_sync = crate::routing::shared::HealthSync::new(store.clone(), &registry).spawn();
         let mut background = vec![accounts.spawn_refresher(), ledger.spawn_renewer(), health_sync];
         // Several instances share Postgres: request counts are global. SQLite: one instance,

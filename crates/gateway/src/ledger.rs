@@ -26,7 +26,7 @@ use std::time::Duration;
 use marga_store::{Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalSlot};
 use crate::pipeline::unix_now_ms;
 
 /// How long a lease lives without renewal, unless configured (`[billing] lease_ttl_s`).
@@ -77,8 +77,8 @@ pub struct Reservation {
 
 /// How a queued charge is kept safe until its commit.
 enum Durability {
-    /// In the journal's file `0` or `1`.
-    Journaled(usize),
+    /// In the journal, at this slot (lane and file).
+    Journaled(JournalSlot),
     /// Nowhere yet: the caller waits for the commit.
     Waiting(oneshot::Sender<Result<(), String>>),
 }
@@ -100,10 +100,10 @@ impl Ledger {
     pub async fn start(
         repo: Arc<dyn LedgerRepo>,
         lease_ttl: Duration,
-        journal_path: Option<&std::path::Path>,
+        journal: Option<(&std::path::Path, usize)>,
     ) -> Result<(Arc<Ledger>, tokio::task::JoinHandle<()>), LedgerError> {
-        let journal = match journal_path {
-            Some(path) => Some(Arc::new(recover(repo.as_ref(), path).await?)),
+        let journal = match journal {
+            Some((path, lanes)) => Some(Arc::new(recover(repo.as_ref(), path, lanes).await?)),
             None => None,
         };
         let (tx, rx) = mpsc::channel(8192);
@@ -326,21 +326,22 @@ impl Drop for Reservation {
 }
 
 /// Commits what an earlier run left in the journal, then returns the journal, empty.
-async fn recover(repo: &dyn LedgerRepo, path: &std::path::Path) -> Result<Journal, LedgerError> {
-    let (journal, pending) = Journal::open(path).map_err(|e| LedgerError::Commit(format!("charge journal: {e}")))?;
+async fn recover(repo: &dyn LedgerRepo, path: &std::path::Path, lanes: usize) -> Result<Journal, LedgerError> {
+    let (journal, pending) = Journal::open(path, lanes).map_err(|e| LedgerError::Commit(format!("charge journal: {e}")))?;
     if !pending.is_empty() {
         let inserted = repo.charge(&pending).await?;
         tracing::info!(pending = pending.len(), inserted, "committed charges left in the journal by the last run");
     }
-    journal.release(&mut journal.appended()).map_err(|e| LedgerError::Commit(format!("charge journal: {e}")))?;
+    journal.recovered().map_err(|e| LedgerError::Commit(format!("charge journal: {e}")))?;
     Ok(journal)
 }
 
 /// Commits every waiting charge in one transaction, answers each waiter, and empties each
 /// journal file once everything written to it is committed.
 async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, Durability)>, journal: Option<Arc<Journal>>) {
-    // Per journal file: lines committed since it was last emptied.
-    let mut committed = [0u64; 2];
+    // Per journal slot (lane and file): lines committed since its file was last emptied.
+    let slots = journal.as_ref().map_or(0, |j| j.appended().len());
+    let mut committed = vec![0u64; slots];
     // Charges were left waiting by a full batch: commit them without another window.
     let mut behind = false;
     while let Some(first) = rx.recv().await {
@@ -351,7 +352,7 @@ async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, D
         if matches!(first.1, Durability::Journaled(_)) && !behind {
             tokio::time::sleep(COMMIT_WINDOW).await;
         }
-        let (mut charges, mut waiters, mut journaled) = (Vec::with_capacity(64), Vec::new(), [0u64; 2]);
+        let (mut charges, mut waiters, mut journaled) = (Vec::with_capacity(64), Vec::new(), vec![0u64; slots]);
         let mut next = Some(first);
         while let Some((charge, durability)) = next.take() {
             charges.push(charge);
@@ -366,8 +367,7 @@ async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, D
         behind = !rx.is_empty();
         let result = commit_with_retry(repo.as_ref(), &charges, waiters.len() < charges.len()).await;
         if result.is_ok() {
-            committed[0] += journaled[0];
-            committed[1] += journaled[1];
+            committed.iter_mut().zip(&journaled).for_each(|(committed, journaled)| *committed += journaled);
         }
         for done in waiters {
             let _ = done.send(result.clone());
