@@ -90,6 +90,7 @@ impl App {
         let (ledger, ledger_writer) = Ledger::start(store.clone(), lease_ttl, Some((&journal, lanes))).await?;
         let health_sync = crate::routing::shared::HealthSync::new(store.clone(), &registry).spawn();
         let mut background = vec![accounts.spawn_refresher(), ledger.spawn_renewer(), health_sync];
+        background.extend(prometheus.clone().map(crate::telemetry::spawn_upkeep));
         // Several instances share Postgres: request counts are global. SQLite: one instance,
         // counted in memory.
         let limiter = if config.database_url.as_deref().is_some_and(|url| !url.trim().is_empty()) {

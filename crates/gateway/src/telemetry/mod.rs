@@ -6,6 +6,7 @@
 pub mod otlp;
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use marga_protocol::openai::Usage;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -39,6 +40,25 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// How often histogram observations are folded into their buckets. The recorder keeps every
+/// observation until then (or until a scrape renders them): without this, a gateway that
+/// nobody scraped kept 8 bytes per observation, two or more per request, for ever (its
+/// resident memory grew by ≈ 15 MB per million requests).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Folds the recorder's pending histogram observations into their buckets every
+/// [`UPKEEP_EVERY`], for as long as the task runs.
+pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    })
 }
 
 /// Keeps the log writer thread alive; dropping it writes what is still buffered.
