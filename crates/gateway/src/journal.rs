@@ -107,9 +107,10 @@ impl Journal {
     /// it with the charges its files still hold — those of any number of lanes, as an earlier
     /// run may have had more.
     pub fn open(path: &Path, lanes: usize) -> std::io::Result<(Journal, Vec<Charge>)> {
+        let lanes = lanes.max(1);
         let mut pending = Vec::new();
-        let mut opened = Vec::with_capacity(lanes.max(1));
-        for lane in 0..lanes.max(1) {
+        let mut opened = Vec::with_capacity(lanes);
+        for lane in 0..lanes {
             let paths = lane_files(path, lane);
             let mut appended = [0; 2];
             for (count, path) in appended.iter_mut().zip(&paths) {
@@ -120,7 +121,7 @@ impl Journal {
             let files = [open_append(&paths[0])?, open_append(&paths[1])?];
             opened.push(Mutex::new(Lane { files, appended, current: 0 }));
         }
-        let orphans = orphan_files(path, lanes.max(1))?;
+        let orphans = orphan_files(path, lanes)?;
         for orphan in &orphans {
             pending.extend(read_file(orphan)?);
         }
@@ -167,6 +168,11 @@ impl Journal {
         Ok(())
     }
 
+    /// How many slots there are: [`JournalSlot`]s are below it.
+    pub fn slots(&self) -> usize {
+        self.lanes.len() * 2
+    }
+
     /// Lines written since it was last emptied, per [`JournalSlot`].
     pub fn appended(&self) -> Vec<u64> {
         (0..self.lanes.len()).flat_map(|lane| self.lock(lane).appended).collect()
@@ -184,7 +190,7 @@ impl Journal {
     }
 }
 
-/// The lane of the calling thread among `lanes`: threads take lanes in turn at their first
+/// The lane of the calling thread among `lanes` (at least one): threads take lanes in turn at their first
 /// charge and keep them.
 fn this_threads_lane(lanes: usize) -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -198,7 +204,7 @@ fn this_threads_lane(lanes: usize) -> usize {
             n
         })
     });
-    n % lanes.max(1)
+    n % lanes
 }
 
 /// A lane's two files: lane 0 is `path` and `path.1` (the files of a journal without lanes),

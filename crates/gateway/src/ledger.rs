@@ -340,7 +340,7 @@ async fn recover(repo: &dyn LedgerRepo, path: &std::path::Path, lanes: usize) ->
 /// journal file once everything written to it is committed.
 async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, Durability)>, journal: Option<Arc<Journal>>) {
     // Per journal slot (lane and file): lines committed since its file was last emptied.
-    let slots = journal.as_ref().map_or(0, |j| j.appended().len());
+    let slots = journal.as_ref().map_or(0, |j| j.slots());
     let mut committed = vec![0u64; slots];
     // Charges were left waiting by a full batch: commit them without another window.
     let mut behind = false;

@@ -111,8 +111,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
 /// Opts the process out of transparent huge pages. mimalloc asks for them (`MADV_HUGEPAGE`)
 /// on the memory it reserves, so wherever a 2 MiB range holds a few live blocks all 2 MiB stay
-/// resident: half of Marga's resident memory idle after start (43 against 23 MiB) and ≈ 20 MiB
-/// after load. The heap of a gateway is small and its allocations short-lived, so huge pages
+/// resident: 43 MiB idle after start with them, 25 without, and ≈ 17 MiB more after load. The heap of a gateway is small and its allocations short-lived, so huge pages
 /// buy it nothing measurable (BENCHMARKS.md). Where the kernel refuses, nothing changes.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
