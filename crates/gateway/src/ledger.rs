@@ -8,8 +8,8 @@
 //! - Settlement **charges** the actual cost as a ledger line and returns the rest of the
 //!   reservation to the lease. The charge is first appended to the local [`Journal`] (one
 //!   `write`, durable against a crash of the process) — only then is the client answered — and
-//!   one writer task commits the charges to the database in batches, emptying each of the
-//!   journal's two files once everything in it is committed. At start the journal's leftovers
+//!   one writer task commits the charges to the database in batches, emptying each journal
+//!   file (two per lane, a lane per thread) once everything in it is committed. At start the journal's leftovers
 //!   are committed again (idempotent by reference). Without a journal the client waits for the
 //!   commit itself.
 //! - Leases expire unless renewed, so the credit set aside by an instance that dies comes back
