@@ -157,6 +157,7 @@ impl Registry {
                 headers: provider.headers.clone().into_iter().collect(),
                 supports_stream_usage: provider.supports_stream_usage,
                 connect_timeout: config.routing.connect_timeout,
+                max_idle_connections: config.server.upstream_idle_connections,
             };
             let client = marga_providers::build(settings).map_err(|source| RegistryError { id: id.clone(), source })?;
             let entry = ProviderEntry { id: id.clone(), config: provider.clone(), client };

@@ -215,6 +215,8 @@ pub(crate) struct Shared {
     counters: [AtomicU64; Kind::ALL.len()],
     last: Mutex<Option<RawRequest>>,
     cancelled: AtomicU64,
+    /// TCP connections accepted since start (never reset: a client's pool outlives scenarios).
+    connections: AtomicU64,
     /// Files and batches of the batch APIs.
     batches: batches::Store,
 }
@@ -230,6 +232,7 @@ impl Shared {
             counters: Default::default(),
             last: Mutex::new(None),
             cancelled: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             batches: batches::Store::default(),
         }
     }
@@ -337,6 +340,7 @@ impl Shared {
             "requests": self.total(),
             "by_path": by_path,
             "streams_cancelled": self.cancelled.load(Ordering::Relaxed),
+            "connections_accepted": self.connections.load(Ordering::Relaxed),
             "last_request": self.last_request().map(|r| r.to_json()),
         })
     }
@@ -367,7 +371,9 @@ impl MockUpstream {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(defaults));
         let app = router(Arc::clone(&shared));
-        let listener = listener.tap_io(|tcp| {
+        let counted = Arc::clone(&shared);
+        let listener = listener.tap_io(move |tcp| {
+            counted.connections.fetch_add(1, Ordering::Relaxed);
             // Best effort: without it small SSE events wait on Nagle.
             let _ = tcp.set_nodelay(true);
         });
@@ -434,6 +440,12 @@ impl MockUpstream {
     /// Stream bodies dropped before their end (client went away).
     pub fn streams_cancelled(&self) -> u64 {
         self.shared.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// TCP connections accepted since the mock started: how a client's connection pool
+    /// behaves (a reused connection is not counted again).
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// Batches created through either batch API (OpenAI or Anthropic).

@@ -47,6 +47,8 @@ pub(crate) struct Client {
     connector: Connector,
     pools: thread_local::ThreadLocal<Pool>,
     headers: HeaderMap,
+    /// Idle connections each thread's pool keeps per host.
+    max_idle: usize,
 }
 
 impl Client {
@@ -69,7 +71,7 @@ impl Client {
             .enable_http1()
             .enable_http2()
             .wrap_connector(tcp);
-        Ok(Client { connector: https, pools: thread_local::ThreadLocal::new(), headers })
+        Ok(Client { connector: https, pools: thread_local::ThreadLocal::new(), headers, max_idle: settings.max_idle_connections })
     }
 
     /// This thread's pool, made on its first request.
@@ -77,7 +79,7 @@ impl Client {
         self.pools.get_or(|| {
             hyper_util::client::legacy::Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(1024)
+                .pool_max_idle_per_host(self.max_idle)
                 .pool_timer(TokioTimer::new())
                 .build(self.connector.clone())
         })

@@ -85,6 +85,9 @@ pub struct ProviderSettings {
     /// OpenAI kind: the upstream honours `stream_options.include_usage`.
     pub supports_stream_usage: bool,
     pub connect_timeout: Duration,
+    /// Idle connections kept per upstream host, in each thread's pool (more are closed as
+    /// their requests end).
+    pub max_idle_connections: usize,
 }
 
 /// One call to an upstream: the client's request, borrowed, and where to send it.

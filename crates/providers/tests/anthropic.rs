@@ -25,6 +25,7 @@ async fn setup(api_key: Option<&str>) -> (MockUpstream, AnthropicProvider) {
         headers: Vec::new(),
         supports_stream_usage: false,
         connect_timeout: Duration::from_secs(5),
+        max_idle_connections: 16,
     };
     (mock, AnthropicProvider::new(settings).unwrap())
 }

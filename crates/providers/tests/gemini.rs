@@ -29,6 +29,7 @@ async fn setup() -> (MockUpstream, GeminiProvider) {
         headers: Vec::new(),
         supports_stream_usage: false,
         connect_timeout: Duration::from_secs(5),
+        max_idle_connections: 16,
     };
     (mock, GeminiProvider::new(settings).unwrap())
 }
@@ -283,6 +284,7 @@ async fn missing_key_is_an_auth_error() {
         headers: Vec::new(),
         supports_stream_usage: false,
         connect_timeout: Duration::from_secs(5),
+        max_idle_connections: 16,
     };
     let provider = GeminiProvider::new(settings).unwrap();
     let error = provider.chat(call(&hello())).await.unwrap_err();

@@ -19,6 +19,7 @@ fn settings(kind: ProviderKind, base_url: String) -> ProviderSettings {
         headers: Vec::new(),
         supports_stream_usage: true,
         connect_timeout: Duration::from_secs(5),
+        max_idle_connections: 16,
     }
 }
 

@@ -63,6 +63,9 @@ pub struct ServerSettings {
     /// Serving threads, each with a runtime and a listening socket of its own; 0 = one per
     /// CPU core.
     pub threads: usize,
+    /// Idle connections kept open to each upstream host by each serving thread; a connection
+    /// that comes back from a request when that many are idle is closed (nginx's `keepalive`).
+    pub upstream_idle_connections: usize,
 }
 
 impl ServerSettings {
@@ -77,7 +80,13 @@ impl ServerSettings {
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        ServerSettings { max_body_bytes: 8 * 1024 * 1024, log_flush_ms: 200, log_queue: 65_536, threads: 0 }
+        ServerSettings {
+            max_body_bytes: 8 * 1024 * 1024,
+            log_flush_ms: 200,
+            log_queue: 65_536,
+            threads: 0,
+            upstream_idle_connections: 256,
+        }
     }
 }
 

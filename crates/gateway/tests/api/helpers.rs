@@ -56,6 +56,8 @@ pub struct Options {
     pub providers: Vec<ProviderSpec>,
     /// TOML appended to the base config: models over `providers`, `[fx]`, ...
     pub extra_toml: String,
+    /// More `[server]` keys, one `key = value` a line.
+    pub server: String,
 }
 
 impl Default for Options {
@@ -67,6 +69,7 @@ impl Default for Options {
             routing: String::new(),
             providers: Vec::new(),
             extra_toml: String::new(),
+            server: String::new(),
         }
     }
 }
@@ -301,6 +304,7 @@ fn config_toml(
 [server]
 max_body_bytes = {max_body}
 log_flush_ms = 10
+{server}
 
 {routing}
 [providers.openai-main]
@@ -369,6 +373,7 @@ routes = [{gemini_embed}]
 {extra}
 "#,
         max_body = options.max_body_bytes,
+        server = options.server,
         routing = routing_section(options),
         own_providers = providers_section(&options.providers, upstreams),
         extra = options.extra_toml,

@@ -169,3 +169,39 @@ async fn a_restart_on_the_same_data_dir_keeps_the_generated_key() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// A burst of `n` overlapping requests to the test's own provider `pool`, answered after a
+/// delay so that each needs a connection of its own; returns the connections the upstream
+/// accepted meanwhile.
+async fn burst(app: &crate::helpers::TestApp, n: usize) -> u64 {
+    let upstream = app.upstream("pool");
+    let before = upstream.connections_accepted();
+    let bodies: Vec<_> = (0..n).map(|i| user_chat("pool/chat", &format!("burst {i}"))).collect();
+    let replies = futures::future::join_all(bodies.iter().map(|body| app.post_chat(body))).await;
+    for reply in replies {
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    upstream.connections_accepted() - before
+}
+
+/// Connections to an upstream go back to the serving thread's pool when their request ends;
+/// past `[server] upstream_idle_connections` they are closed, so that a burst does not leave
+/// its connections (and their buffers) open for the idle timeout.
+#[tokio::test]
+async fn a_burst_keeps_only_the_idle_allowance_of_upstream_connections() {
+    for (allowance, reopened) in [(1_u64, 3_u64), (8, 0)] {
+        let app = spawn_app_with(Options {
+            providers: vec![crate::helpers::provider("pool", "US")],
+            extra_toml: format!(
+                "\n[models.\"pool/chat\"]\nroutes = [{}]\n",
+                crate::helpers::route("pool", "m", "0.1", "0.1", "USD")
+            ),
+            server: format!("threads = 1\nupstream_idle_connections = {allowance}\n"),
+            ..Options::default()
+        })
+        .await;
+        app.upstream("pool").set_scenario(mock_upstream::Scenario { delay_ms: 300, ..Default::default() });
+        assert_eq!(burst(&app, 4).await, 4, "allowance {allowance}: the first burst opens a connection per request");
+        assert_eq!(burst(&app, 4).await, reopened, "allowance {allowance}: connections opened by the second burst");
+    }
+}

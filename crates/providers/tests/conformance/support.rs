@@ -90,6 +90,7 @@ pub fn settings(kind: ProviderKind, base_url: String, api_key: Option<&str>) -> 
         headers: Vec::new(),
         supports_stream_usage: true,
         connect_timeout: Duration::from_secs(2),
+        max_idle_connections: 16,
     }
 }
 
