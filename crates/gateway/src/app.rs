@@ -84,10 +84,11 @@ impl App {
         let chains = SavedChains::load(store.clone()).await?;
         let accounts = Arc::new(Accounts::start(store.clone(), master_hash, &config.billing.default_org_currency).await?);
         let lease_ttl = Duration::from_secs(config.billing.lease_ttl_s.max(1));
+        let commit_interval = Duration::from_millis(config.billing.commit_interval_ms);
         let journal = config.data_dir.join("charges.journal");
         // A journal lane per serving thread, and one for the background threads (batches).
         let lanes = config.server.serving_threads() + 1;
-        let (ledger, ledger_writer) = Ledger::start(store.clone(), lease_ttl, Some((&journal, lanes))).await?;
+        let (ledger, ledger_writer) = Ledger::start(store.clone(), lease_ttl, Some((&journal, lanes)), commit_interval).await?;
         let health_sync = crate::routing::shared::HealthSync::new(store.clone(), &registry).spawn();
         let mut background = vec![accounts.spawn_refresher(), ledger.spawn_renewer(), health_sync];
         background.extend(prometheus.clone().map(crate::telemetry::spawn_upkeep));

@@ -8,9 +8,10 @@
 //! - Settlement **charges** the actual cost as a ledger line and returns the rest of the
 //!   reservation to the lease. The charge is first appended to the local [`Journal`] (one
 //!   `write`, durable against a crash of the process) — only then is the client answered — and
-//!   one writer task commits the charges to the database in batches, emptying each journal
-//!   file (two per lane, a lane per thread) once everything in it is committed. At start the journal's leftovers
-//!   are committed again (idempotent by reference). Without a journal the client waits for the
+//!   one writer task commits the charges to the database in batches (every
+//!   `[billing] commit_interval_ms`, 200 ms by default, or as soon as a full batch waits),
+//!   emptying each journal file (two per lane, a lane per thread) once everything in it is
+//!   committed. At start the journal's leftovers are committed again (idempotent by reference). Without a journal the client waits for the
 //!   commit itself.
 //! - Leases expire unless renewed, so the credit set aside by an instance that dies comes back
 //!   by itself; charges made under it are already in the ledger.
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use marga_store::{Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::journal::{Journal, JournalSlot};
 use crate::pipeline::unix_now_ms;
@@ -35,8 +36,6 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 const LEASE_FRACTION: i64 = 4;
 /// Charges committed in one transaction at most.
 const MAX_BATCH: usize = 512;
-/// How long journaled charges wait for company before they are committed.
-const COMMIT_WINDOW: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -92,6 +91,8 @@ pub struct Ledger {
     opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     journal: Option<Arc<Journal>>,
     writer: mpsc::Sender<(Charge, Durability)>,
+    /// Cuts the writer's commit window short once a full batch waits.
+    batch_waiting: Arc<Notify>,
 }
 
 impl Ledger {
@@ -101,6 +102,7 @@ impl Ledger {
         repo: Arc<dyn LedgerRepo>,
         lease_ttl: Duration,
         journal: Option<(&std::path::Path, usize)>,
+        commit_window: Duration,
     ) -> Result<(Arc<Ledger>, tokio::task::JoinHandle<()>), LedgerError> {
         let journal = match journal {
             Some((path, lanes)) => Some(Arc::new(recover(repo.as_ref(), path, lanes).await?)),
@@ -108,10 +110,13 @@ impl Ledger {
         };
         let (tx, rx) = mpsc::channel(8192);
         let holder = format!("marga-{}", uuid::Uuid::new_v4().simple());
-        let task = tokio::spawn(write_loop(Arc::clone(&repo), rx, journal.clone()));
+        let batch_waiting = Arc::new(Notify::new());
+        let inbox = Inbox { rx, batch_waiting: Arc::clone(&batch_waiting), window: commit_window };
+        let task = tokio::spawn(write_loop(Arc::clone(&repo), inbox, journal.clone()));
         let orgs = Mutex::new(HashMap::new());
         let opening = Mutex::new(HashMap::new());
-        Ok((Arc::new(Ledger { repo, holder, lease_ttl, orgs, opening, journal, writer: tx }), task))
+        let ledger = Ledger { repo, holder, lease_ttl, orgs, opening, journal, writer: tx, batch_waiting };
+        Ok((Arc::new(ledger), task))
     }
 
     /// Charges waiting for the charge writer (for `/metrics`).
@@ -251,7 +256,12 @@ impl Ledger {
             match journal.append(&charge) {
                 Ok(file) => {
                     let queued = (charge, Durability::Journaled(file));
-                    return self.writer.send(queued).await.map_err(|_| LedgerError::WriterGone);
+                    self.writer.send(queued).await.map_err(|_| LedgerError::WriterGone)?;
+                    if self.queue_depth() >= MAX_BATCH {
+                        // Only a wait in progress: a stored permit would cut a later window short.
+                        self.batch_waiting.notify_waiters();
+                    }
+                    return Ok(());
                 }
                 Err(e) => tracing::error!(error = %e, "charge journal unwritable; waiting for the database commit"),
             }
@@ -317,6 +327,13 @@ impl Ledger {
     }
 }
 
+/// The last handle gone (shutdown): the writer commits what waits without sitting out its window.
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.batch_waiting.notify_one();
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
@@ -338,19 +355,35 @@ async fn recover(repo: &dyn LedgerRepo, path: &std::path::Path, lanes: usize) ->
 
 /// Commits every waiting charge in one transaction, answers each waiter, and empties each
 /// journal file once everything written to it is committed.
-async fn write_loop(repo: Arc<dyn LedgerRepo>, mut rx: mpsc::Receiver<(Charge, Durability)>, journal: Option<Arc<Journal>>) {
+/// The writer's end of the charge queue.
+struct Inbox {
+    rx: mpsc::Receiver<(Charge, Durability)>,
+    /// Notified when a full batch waits: the commit window ends early.
+    batch_waiting: Arc<Notify>,
+    window: Duration,
+}
+
+async fn write_loop(repo: Arc<dyn LedgerRepo>, inbox: Inbox, journal: Option<Arc<Journal>>) {
+    let Inbox { mut rx, batch_waiting, window } = inbox;
     // Per journal slot (lane and file): lines committed since its file was last emptied.
     let slots = journal.as_ref().map_or(0, |j| j.slots());
     let mut committed = vec![0u64; slots];
     // Charges were left waiting by a full batch: commit them without another window.
     let mut behind = false;
     while let Some(first) = rx.recv().await {
-        // A journaled charge is already durable: let more arrive for COMMIT_WINDOW so that a
-        // steady trickle of requests shares commits. Sleeping through the window (rather than
-        // waking for each charge) costs one wake-up per commit. A waiter (no journal) is
-        // committed at once.
+        // A journaled charge is already durable: let more arrive for the commit window so that
+        // a steady trickle of requests shares commits. Sleeping through the window (rather than
+        // waking for each charge) costs one wake-up per commit; a full batch ends it early. A
+        // waiter (no journal) is committed at once.
         if matches!(first.1, Durability::Journaled(_)) && !behind {
-            tokio::time::sleep(COMMIT_WINDOW).await;
+            // Registered before the queue is looked at, so that a batch filling up in between
+            // still ends the wait.
+            let batch_full = batch_waiting.notified();
+            tokio::pin!(batch_full);
+            batch_full.as_mut().enable();
+            if !rx.is_closed() && rx.len() < MAX_BATCH {
+                let _ = tokio::time::timeout(window, batch_full).await;
+            }
         }
         let (mut charges, mut waiters, mut journaled) = (Vec::with_capacity(64), Vec::new(), vec![0u64; slots]);
         let mut next = Some(first);

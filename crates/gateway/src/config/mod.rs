@@ -148,6 +148,10 @@ impl Config {
             let message = format!("must be at most {} (0: one per CPU core)", schema::MAX_SERVING_THREADS);
             return Err(invalid(&file_name, "server.threads", message));
         }
+        if !(1..=schema::MAX_COMMIT_INTERVAL_MS).contains(&top.billing.commit_interval_ms) {
+            let message = format!("must be between 1 and {}", schema::MAX_COMMIT_INTERVAL_MS);
+            return Err(invalid(&file_name, "billing.commit_interval_ms", message));
+        }
         if top.billing.default_org_currency.parse::<crate::money::Currency>().is_err() {
             return Err(invalid(&file_name, "billing.default_org_currency", "must be USD or INR"));
         }

@@ -102,11 +102,17 @@ pub struct BillingSettings {
     /// How long an instance's credit lease lives without renewal: the longest an instance
     /// that died keeps credit set aside.
     pub lease_ttl_s: u64,
+    /// How long settled charges (already in the charge journal) wait for company before the
+    /// ledger writer commits them to the database in one transaction.
+    pub commit_interval_ms: u64,
 }
+
+/// The longest `[billing] commit_interval_ms`.
+pub const MAX_COMMIT_INTERVAL_MS: u64 = 10_000;
 
 impl Default for BillingSettings {
     fn default() -> Self {
-        BillingSettings { default_org_currency: "USD".to_owned(), trial_keys: false, lease_ttl_s: 30 }
+        BillingSettings { default_org_currency: "USD".to_owned(), trial_keys: false, lease_ttl_s: 30, commit_interval_ms: 200 }
     }
 }
 

@@ -87,6 +87,13 @@ fn errors_name_the_file_the_key_and_the_problem() {
     assert_eq!(load("[server]\nthreads = 3\n", &[]).unwrap().server.serving_threads(), 3);
     assert!(load("", &[]).unwrap().server.serving_threads() >= 1);
 
+    for interval in ["0", "10001"] {
+        let message = error_text(&format!("[billing]\ncommit_interval_ms = {interval}\n"));
+        assert!(message.contains("billing.commit_interval_ms") && message.contains("between 1 and 10000"), "{message}");
+    }
+    assert_eq!(load("", &[]).unwrap().billing.commit_interval_ms, 200);
+    assert_eq!(load("[server]\n", &[]).unwrap().server.upstream_idle_connections, 256);
+
     let kind = error_text("[providers.x]\nkind = \"cohere\"\nbase_url = \"http://h\"\nregion = \"US\"\n");
     assert!(kind.contains("providers.x") && kind.contains("cohere"), "{kind}");
 }

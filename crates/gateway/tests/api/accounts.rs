@@ -63,17 +63,18 @@ pub(crate) fn chat(max_tokens: u32) -> Value {
     json!({"model": "sandbox/echo", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hello there"}]})
 }
 
-/// `/v1/credits` once the ledger has caught up with `expected_usage` (charges are committed a
-/// few milliseconds after the answer; the journal made them durable before it).
+/// `/v1/credits` once the ledger has caught up with `expected_usage` (charges are committed
+/// within `[billing] commit_interval_ms` of the answer; the journal made them durable before it).
 pub(crate) async fn credits_after(app: &TestApp, key: &str, expected_usage: Decimal) -> Value {
+    let mut credits = Value::Null;
     for _ in 0..100 {
-        let credits = get(app, key, "/v1/credits").await.body;
+        credits = get(app, key, "/v1/credits").await.body;
         if number(&credits["data"]["total_usage"]) == expected_usage {
             return credits;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the ledger never showed a total usage of {expected_usage}");
+    panic!("the ledger never showed a total usage of {expected_usage}; last: {credits}");
 }
 
 pub(crate) fn number(v: &Value) -> Decimal {
@@ -325,4 +326,48 @@ async fn a_workspace_budget_caps_its_keys_and_other_orgs_cannot_touch_it() {
     let raised = call(&app, reqwest::Method::PATCH, &management, &format!("/me/workspaces/{ws}"), Some(&json!({"monthly_budget": "10"}))).await;
     assert_eq!(raised.status, 200, "{}", raised.body);
     assert_eq!(post(&app, &in_ws, "/v1/chat/completions", &chat(64)).await.status, 200);
+}
+
+/// Settled charges are durable in the journal at once and reach the database together: after
+/// `[billing] commit_interval_ms`, or as soon as a full batch (512) waits; stopping commits what
+/// waits without sitting out the interval.
+#[tokio::test]
+async fn charges_reach_the_database_after_the_commit_interval_or_a_full_batch() {
+    use futures::StreamExt;
+    let options = Options { extra_toml: "\n[billing]\ncommit_interval_ms = 10000\n".into(), ..Options::default() };
+    let app = spawn_app_with(options).await;
+    let (org, management) = new_org(&app, "USD").await;
+    grant(&app, &org, "100").await;
+    let (key, _) = new_key(&app, &management, json!({"name": "many", "rpm_limit": 100000})).await;
+    let cost_of = |answer: &Answer| {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        number(&answer.body["usage"]["cost"])
+    };
+
+    let mut spent = cost_of(&post(&app, &key, "/v1/chat/completions", &chat(16)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let credits = get(&app, &key, "/v1/credits").await.body;
+    assert_eq!(number(&credits["data"]["total_usage"]), Decimal::ZERO, "one charge waits for company: {credits}");
+
+    // The writer holds the first charge; the 512th queued behind it makes a full batch, which
+    // ends the wait (fewer would wait out the interval, as the last one below does).
+    let body = chat(16);
+    let answers: Vec<Answer> = futures::stream::iter(0..512)
+        .map(|_| post(&app, &key, "/v1/chat/completions", &body))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    spent += answers.iter().map(cost_of).sum::<Decimal>();
+    credits_after(&app, &key, spent).await;
+
+    let waiting = cost_of(&post(&app, &key, "/v1/chat/completions", &chat(16)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let credits = get(&app, &key, "/v1/credits").await.body;
+    assert_eq!(number(&credits["data"]["total_usage"]), spent, "after the batch, a charge waits again: {credits}");
+    spent += waiting;
+    let started = std::time::Instant::now();
+    let app = app.restart().await;
+    assert!(started.elapsed() < Duration::from_secs(3), "stopping took {:?}", started.elapsed());
+    let credits = get(&app, &key, "/v1/credits").await.body;
+    assert_eq!(number(&credits["data"]["total_usage"]), spent, "{credits}");
 }
