@@ -178,6 +178,11 @@ def render(rows):
                            h["max_open"] == h["streams"] and h["done"] == h["streams"]))
         if "idle_after_hold" in mem:
             w(f"| 5 s after the hold | {f(mib(mem['idle_after_hold']['rss_kb']), 1)} | |")
+        if "idle_30s_after_hold" in mem:
+            v = mib(mem["idle_30s_after_hold"]["rss_kb"])
+            w(f"| idle, 30 s after the hold | {f(v, 1)} | |")
+            checks.append((f"memory: idle RSS 30 s after the held streams ended ≤ {MAX_IDLE_MIB} MiB", f"{v:.1f} MiB",
+                           v <= MAX_IDLE_MIB))
         if "end" in mem:
             w(f"| end of run | {f(mib(mem['end']['rss_kb']), 1)} | peak VmHWM {f(mib(mem['end']['hwm_kb']), 1)} |")
         w("")
