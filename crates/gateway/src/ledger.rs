@@ -11,8 +11,8 @@
 //!   one writer task commits the charges to the database in batches (every
 //!   `[billing] commit_interval_ms`, 200 ms by default, or as soon as a full batch waits),
 //!   emptying each journal file (two per lane, a lane per thread) once everything in it is
-//!   committed. At start the journal's leftovers are committed again (idempotent by reference). Without a journal the client waits for the
-//!   commit itself.
+//!   committed. At start the journal's leftovers are committed again (idempotent by
+//!   reference). Without a journal the client waits for the commit itself.
 //! - Leases expire unless renewed, so the credit set aside by an instance that dies comes back
 //!   by itself; charges made under it are already in the ledger.
 //!
@@ -353,8 +353,6 @@ async fn recover(repo: &dyn LedgerRepo, path: &std::path::Path, lanes: usize) ->
     Ok(journal)
 }
 
-/// Commits every waiting charge in one transaction, answers each waiter, and empties each
-/// journal file once everything written to it is committed.
 /// The writer's end of the charge queue.
 struct Inbox {
     rx: mpsc::Receiver<(Charge, Durability)>,
@@ -363,6 +361,8 @@ struct Inbox {
     window: Duration,
 }
 
+/// Commits every waiting charge in one transaction, answers each waiter, and empties each
+/// journal file once everything written to it is committed.
 async fn write_loop(repo: Arc<dyn LedgerRepo>, inbox: Inbox, journal: Option<Arc<Journal>>) {
     let Inbox { mut rx, batch_waiting, window } = inbox;
     // Per journal slot (lane and file): lines committed since its file was last emptied.
