@@ -25,13 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use marga_store::{Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::batch_window::BatchWindow;
 use crate::journal::{Journal, JournalSlot};
 use crate::pipeline::unix_now_ms;
 
-/// How long a lease lives without renewal, unless configured (`[billing] lease_ttl_s`).
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 /// A new lease takes this fraction of what is available (at least what is needed).
 const LEASE_FRACTION: i64 = 4;
 /// Charges committed in one transaction at most.
@@ -91,8 +90,8 @@ pub struct Ledger {
     opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     journal: Option<Arc<Journal>>,
     writer: mpsc::Sender<(Charge, Durability)>,
-    /// Cuts the writer's commit window short once a full batch waits.
-    batch_waiting: Arc<Notify>,
+    /// The writer's commit window, ended early once a full batch waits.
+    window: Arc<BatchWindow>,
 }
 
 impl Ledger {
@@ -110,12 +109,12 @@ impl Ledger {
         };
         let (tx, rx) = mpsc::channel(8192);
         let holder = format!("marga-{}", uuid::Uuid::new_v4().simple());
-        let batch_waiting = Arc::new(Notify::new());
-        let inbox = Inbox { rx, batch_waiting: Arc::clone(&batch_waiting), window: commit_window };
+        let window = Arc::new(BatchWindow::new(commit_window));
+        let inbox = Inbox { rx, window: Arc::clone(&window) };
         let task = tokio::spawn(write_loop(Arc::clone(&repo), inbox, journal.clone()));
         let orgs = Mutex::new(HashMap::new());
         let opening = Mutex::new(HashMap::new());
-        let ledger = Ledger { repo, holder, lease_ttl, orgs, opening, journal, writer: tx, batch_waiting };
+        let ledger = Ledger { repo, holder, lease_ttl, orgs, opening, journal, writer: tx, window };
         Ok((Arc::new(ledger), task))
     }
 
@@ -258,8 +257,7 @@ impl Ledger {
                     let queued = (charge, Durability::Journaled(file));
                     self.writer.send(queued).await.map_err(|_| LedgerError::WriterGone)?;
                     if self.queue_depth() >= MAX_BATCH {
-                        // Only a wait in progress: a stored permit would cut a later window short.
-                        self.batch_waiting.notify_waiters();
+                        self.window.batch_full();
                     }
                     return Ok(());
                 }
@@ -330,7 +328,7 @@ impl Ledger {
 /// The last handle gone (shutdown): the writer commits what waits without sitting out its window.
 impl Drop for Ledger {
     fn drop(&mut self) {
-        self.batch_waiting.notify_one();
+        self.window.close();
     }
 }
 
@@ -356,15 +354,13 @@ async fn recover(repo: &dyn LedgerRepo, path: &std::path::Path, lanes: usize) ->
 /// The writer's end of the charge queue.
 struct Inbox {
     rx: mpsc::Receiver<(Charge, Durability)>,
-    /// Notified when a full batch waits: the commit window ends early.
-    batch_waiting: Arc<Notify>,
-    window: Duration,
+    window: Arc<BatchWindow>,
 }
 
 /// Commits every waiting charge in one transaction, answers each waiter, and empties each
 /// journal file once everything written to it is committed.
 async fn write_loop(repo: Arc<dyn LedgerRepo>, inbox: Inbox, journal: Option<Arc<Journal>>) {
-    let Inbox { mut rx, batch_waiting, window } = inbox;
+    let Inbox { mut rx, window } = inbox;
     // Per journal slot (lane and file): lines committed since its file was last emptied.
     let slots = journal.as_ref().map_or(0, |j| j.slots());
     let mut committed = vec![0u64; slots];
@@ -376,14 +372,7 @@ async fn write_loop(repo: Arc<dyn LedgerRepo>, inbox: Inbox, journal: Option<Arc
         // waking for each charge) costs one wake-up per commit; a full batch ends it early. A
         // waiter (no journal) is committed at once.
         if matches!(first.1, Durability::Journaled(_)) && !behind {
-            // Registered before the queue is looked at, so that a batch filling up in between
-            // still ends the wait.
-            let batch_full = batch_waiting.notified();
-            tokio::pin!(batch_full);
-            batch_full.as_mut().enable();
-            if !rx.is_closed() && rx.len() < MAX_BATCH {
-                let _ = tokio::time::timeout(window, batch_full).await;
-            }
+            window.wait(|| rx.is_closed() || rx.len() >= MAX_BATCH).await;
         }
         let (mut charges, mut waiters, mut journaled) = (Vec::with_capacity(64), Vec::new(), vec![0u64; slots]);
         let mut next = Some(first);

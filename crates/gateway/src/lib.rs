@@ -6,6 +6,7 @@ pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod batch;
+pub mod batch_window;
 pub mod budget;
 pub mod config;
 pub mod error;

@@ -27,10 +27,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use marga_store::{GenerationRecord, GenerationRepo};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::batch_window::BatchWindow;
 use crate::config::LogConfig;
 use spill::Spill;
 
@@ -50,18 +51,18 @@ pub struct RequestLog {
     wake: Arc<Wake>,
 }
 
-/// Cuts the writer's sleep short: when the queue holds a batch's worth (or half its
-/// capacity), and when the last handle is dropped (shutdown), so that neither a small queue
-/// overflows nor a shutdown waits out a long flush interval.
+/// Ends the writer's wait early: when the queue holds a batch's worth (or half its capacity),
+/// and when the last handle is dropped (shutdown), so that neither a small queue overflows nor
+/// a shutdown waits out a long flush interval.
 struct Wake {
-    notify: Arc<Notify>,
+    window: Arc<BatchWindow>,
     /// Queued records at which the writer is woken early.
     at_depth: usize,
 }
 
 impl Drop for Wake {
     fn drop(&mut self) {
-        self.notify.notify_one();
+        self.window.close();
     }
 }
 
@@ -80,10 +81,11 @@ impl RequestLog {
         let capacity = config.queue.max(1);
         metrics::gauge!("marga_request_log_queue_capacity").set(capacity as f64);
         let (tx, rx) = mpsc::channel(capacity);
-        let notify = Arc::new(Notify::new());
-        let wake = Arc::new(Wake { notify: notify.clone(), at_depth: MAX_BATCH.min(capacity.div_ceil(2)) });
+        let at_depth = MAX_BATCH.min(capacity.div_ceil(2));
+        let window = Arc::new(BatchWindow::new(config.flush_interval));
+        let wake = Arc::new(Wake { window: Arc::clone(&window), at_depth });
         let writer = Writer { repo, spill, down_until: None, backoff: MIN_BACKOFF };
-        let task = tokio::spawn(write_loop(writer, Inbox { rx, notify }, config.flush_interval));
+        let task = tokio::spawn(write_loop(writer, Inbox { rx, window, at_depth }));
         Ok((RequestLog { tx, wake }, task))
     }
 
@@ -92,7 +94,7 @@ impl RequestLog {
         if self.tx.try_send(record).is_err() {
             metrics::counter!("marga_request_log_dropped_total", "reason" => "queue_full").increment(1);
         } else if self.depth() >= self.wake.at_depth {
-            self.wake.notify.notify_one();
+            self.wake.window.batch_full();
         }
     }
 
@@ -102,18 +104,19 @@ impl RequestLog {
     }
 }
 
-/// The writer's end of the queue, and what cuts its sleep short.
+/// The writer's end of the queue, and what ends its wait early.
 struct Inbox {
     rx: mpsc::Receiver<GenerationRecord>,
-    notify: Arc<Notify>,
+    window: Arc<BatchWindow>,
+    /// Queued records that end the wait (as [`Wake::at_depth`]).
+    at_depth: usize,
 }
 
-async fn write_loop(mut writer: Writer, mut inbox: Inbox, flush_every: Duration) {
+async fn write_loop(mut writer: Writer, mut inbox: Inbox) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut behind = false;
     loop {
-        let window = if behind { Duration::ZERO } else { flush_every };
-        let open = fill_batch(&mut inbox, &mut batch, window, writer.next_replay()).await;
+        let open = fill_batch(&mut inbox, &mut batch, !behind, writer.next_replay()).await;
         behind = batch.len() == MAX_BATCH && !inbox.rx.is_empty();
         metrics::gauge!("marga_request_log_queue").set(inbox.rx.len() as f64);
         if !batch.is_empty() && !writer.store(&batch, open).await {
@@ -129,18 +132,12 @@ async fn write_loop(mut writer: Writer, mut inbox: Inbox, flush_every: Duration)
 }
 
 /// Waits for the first record (no later than `wake_at`, when the spill file waits to be
-/// replayed), sleeps out the `window` so that the records of that interval arrive (cut short
-/// when the queue fills up or the log is closed), then takes what has arrived, up to a full
-/// batch. One wake-up per batch rather than one per record: under load the writer costs a few
-/// system calls per batch, not per request. Returns false once the channel is closed and
-/// drained.
-async fn fill_batch(
-    inbox: &mut Inbox,
-    batch: &mut Vec<GenerationRecord>,
-    window: Duration,
-    wake_at: Option<Instant>,
-) -> bool {
-    let rx = &mut inbox.rx;
+/// replayed), then (when `wait`) sleeps out the flush interval so that the records of that
+/// interval arrive (see [`BatchWindow`]), then takes what has arrived, up to a full batch.
+/// Under load the writer costs a few system calls per batch, not per request. Returns false
+/// once the channel is closed and drained.
+async fn fill_batch(inbox: &mut Inbox, batch: &mut Vec<GenerationRecord>, wait: bool, wake_at: Option<Instant>) -> bool {
+    let Inbox { rx, window, at_depth } = inbox;
     let first = match wake_at {
         None => rx.recv().await,
         Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
@@ -150,8 +147,8 @@ async fn fill_batch(
     };
     let Some(first) = first else { return false };
     batch.push(first);
-    if !window.is_zero() && !rx.is_closed() {
-        let _ = tokio::time::timeout(window, inbox.notify.notified()).await;
+    if wait {
+        window.wait(|| rx.is_closed() || rx.len() >= *at_depth).await;
     }
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {
