@@ -83,7 +83,7 @@ impl App {
             .map_err(|source| StartError::RequestLog { source })?;
         let chains = SavedChains::load(store.clone()).await?;
         let accounts = Arc::new(Accounts::start(store.clone(), master_hash, &config.billing.default_org_currency).await?);
-        let lease_ttl = Duration::from_secs(config.billing.lease_ttl_s.max(1));
+        let lease_ttl = Duration::from_secs(config.billing.lease_ttl_s);
         let commit_interval = Duration::from_millis(config.billing.commit_interval_ms);
         let journal = config.data_dir.join("charges.journal");
         // A journal lane per serving thread, and one for the background threads (batches).

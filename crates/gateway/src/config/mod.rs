@@ -148,6 +148,14 @@ impl Config {
             let message = format!("must be at most {} (0: one per CPU core)", schema::MAX_SERVING_THREADS);
             return Err(invalid(&file_name, "server.threads", message));
         }
+        if top.server.upstream_idle_connections > schema::MAX_UPSTREAM_IDLE_CONNECTIONS {
+            let message = format!("must be at most {}", schema::MAX_UPSTREAM_IDLE_CONNECTIONS);
+            return Err(invalid(&file_name, "server.upstream_idle_connections", message));
+        }
+        if !schema::LEASE_TTL_S.contains(&top.billing.lease_ttl_s) {
+            let (low, high) = schema::LEASE_TTL_S.into_inner();
+            return Err(invalid(&file_name, "billing.lease_ttl_s", format!("must be between {low} and {high}")));
+        }
         if !(1..=schema::MAX_COMMIT_INTERVAL_MS).contains(&top.billing.commit_interval_ms) {
             let message = format!("must be between 1 and {}", schema::MAX_COMMIT_INTERVAL_MS);
             return Err(invalid(&file_name, "billing.commit_interval_ms", message));

@@ -50,6 +50,10 @@ pub(super) struct TopLevel {
 /// The most serving threads `[server] threads` may ask for.
 pub const MAX_SERVING_THREADS: usize = 1024;
 
+/// The most idle connections per upstream host and serving thread `[server]
+/// upstream_idle_connections` may ask for.
+pub const MAX_UPSTREAM_IDLE_CONNECTIONS: usize = 65_536;
+
 /// `[server]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -109,6 +113,10 @@ pub struct BillingSettings {
 
 /// The longest `[billing] commit_interval_ms`.
 pub const MAX_COMMIT_INTERVAL_MS: u64 = 10_000;
+
+/// The bounds of `[billing] lease_ttl_s` (the longest credit stays set aside by an instance
+/// that died).
+pub const LEASE_TTL_S: std::ops::RangeInclusive<u64> = 1..=3600;
 
 impl Default for BillingSettings {
     fn default() -> Self {

@@ -93,6 +93,13 @@ fn errors_name_the_file_the_key_and_the_problem() {
     }
     assert_eq!(load("", &[]).unwrap().billing.commit_interval_ms, 200);
     assert_eq!(load("[server]\n", &[]).unwrap().server.upstream_idle_connections, 256);
+    let idle = error_text("[server]\nupstream_idle_connections = 65537\n");
+    assert!(idle.contains("server.upstream_idle_connections") && idle.contains("at most 65536"), "{idle}");
+    for ttl in ["0", "3601"] {
+        let message = error_text(&format!("[billing]\nlease_ttl_s = {ttl}\n"));
+        assert!(message.contains("billing.lease_ttl_s") && message.contains("between 1 and 3600"), "{message}");
+    }
+    assert_eq!(load("[billing]\nlease_ttl_s = 1\n", &[]).unwrap().billing.lease_ttl_s, 1);
 
     let kind = error_text("[providers.x]\nkind = \"cohere\"\nbase_url = \"http://h\"\nregion = \"US\"\n");
     assert!(kind.contains("providers.x") && kind.contains("cohere"), "{kind}");
