@@ -112,23 +112,41 @@ pub(crate) fn unix_now_ms() -> i64 {
 /// `(org_id, kind, reference)`: what identifies a ledger line.
 pub(crate) type LineKey = (String, String, String);
 
-/// Adds to `usage` (per `(org_id, lease_id)`) the amount, as a positive number, of each charge
-/// of `charges` whose line is in `inserted` (the rows an `INSERT … RETURNING` gave back). A
-/// line is counted once even if the batch repeats it.
-pub(crate) fn add_lease_usage<'c>(
-    charges: &'c [Charge],
-    mut inserted: HashSet<LineKey>,
-    usage: &mut BTreeMap<(&'c str, &'c str), i64>,
-) {
-    for charge in charges {
-        let e = &charge.entry;
-        let key = (e.org_id.clone(), e.kind.clone(), e.reference.clone());
-        if !inserted.remove(&key) {
-            continue;
-        }
+/// What the database said of a batch's ledger lines: the keys it already had (SQLite asks
+/// first), or the keys it inserted (Postgres' `RETURNING`).
+pub(crate) enum Recorded<'k> {
+    AlreadyThere(&'k HashSet<LineKey>),
+    Inserted(&'k HashSet<LineKey>),
+}
+
+/// For each of `entries`, whether its line is new: inserted by this batch and the first of its
+/// key in it (a line the batch repeats is counted once). Borrowed keys: no copy of the three
+/// strings per line, and no lookup at all in the usual case (nothing was there before).
+pub(crate) fn new_lines(entries: &[&LedgerEntry], recorded: Recorded<'_>) -> Vec<bool> {
+    fn key(e: &LedgerEntry) -> (&str, &str, &str) {
+        (e.org_id.as_str(), e.kind.as_str(), e.reference.as_str())
+    }
+    let (keys, listed_are_new) = match recorded {
+        Recorded::AlreadyThere(keys) => (keys, false),
+        Recorded::Inserted(keys) => (keys, true),
+    };
+    let listed: HashSet<(&str, &str, &str)> = keys.iter().map(|(o, k, r)| (o.as_str(), k.as_str(), r.as_str())).collect();
+    let mut seen = HashSet::with_capacity(entries.len());
+    entries.iter().map(|e| listed.contains(&key(e)) == listed_are_new && seen.insert(key(e))).collect()
+}
+
+/// How many lines of a batch are new (of [`new_lines`]' answer).
+pub(crate) fn count_new(new: &[bool]) -> u64 {
+    new.iter().filter(|new| **new).count() as u64
+}
+
+/// Adds to `usage` (per `(org_id, lease_id)`) the amount, as a positive number, of each new
+/// line's charge (`new`, as [`new_lines`] gives it).
+pub(crate) fn add_lease_usage<'c>(charges: &'c [Charge], new: &[bool], usage: &mut BTreeMap<(&'c str, &'c str), i64>) {
+    for (charge, _) in charges.iter().zip(new).filter(|(_, new)| **new) {
         if let Some(lease_id) = charge.lease_id.as_deref() {
-            let used = usage.entry((e.org_id.as_str(), lease_id)).or_insert(0);
-            *used = used.saturating_add(e.amount_nanos.saturating_abs());
+            let used = usage.entry((charge.entry.org_id.as_str(), lease_id)).or_insert(0);
+            *used = used.saturating_add(charge.entry.amount_nanos.saturating_abs());
         }
     }
 }
@@ -143,20 +161,11 @@ pub(crate) struct BalanceDelta {
 }
 
 /// Per organisation (in `org_id` order, the order every writer updates `org_balances` in, so
-/// that two transactions never wait for each other's rows crosswise), what the lines of
-/// `entries` that were inserted (whose keys are in `inserted`) add to its running sums. A line
-/// is counted once even if `entries` repeats it.
-pub(crate) fn balance_deltas<'e>(
-    entries: impl IntoIterator<Item = &'e LedgerEntry>,
-    inserted: &HashSet<LineKey>,
-) -> Vec<(&'e str, BalanceDelta)> {
-    let mut seen = HashSet::new();
+/// that two transactions never wait for each other's rows crosswise), what the new lines of
+/// `entries` (`new`, as [`new_lines`] gives it) add to its running sums.
+pub(crate) fn balance_deltas<'e>(entries: &[&'e LedgerEntry], new: &[bool]) -> Vec<(&'e str, BalanceDelta)> {
     let mut deltas: BTreeMap<&str, BalanceDelta> = BTreeMap::new();
-    for e in entries {
-        let key = (e.org_id.clone(), e.kind.clone(), e.reference.clone());
-        if !inserted.contains(&key) || !seen.insert(key) {
-            continue;
-        }
+    for (e, _) in entries.iter().zip(new).filter(|(_, new)| **new) {
         let delta = deltas.entry(e.org_id.as_str()).or_default();
         delta.balance = delta.balance.saturating_add(e.amount_nanos);
         if e.kind == "charge" {
@@ -201,23 +210,11 @@ pub(crate) const SPEND_BUCKET_MS: i64 = 15 * 60 * 1000;
 /// workspace (a member's spend is the sum of their keys').
 pub(crate) type SpendRow<'e> = (&'e str, &'static str, &'e str, i64);
 
-/// Per `(org_id, scope, scope_id, bucket)`, in that order, what the `charge` lines of `entries`
-/// that were inserted add to the spend rollup (as positive numbers). A line is counted once
-/// even if `entries` repeats it.
-pub(crate) fn spend_deltas<'e>(
-    entries: impl IntoIterator<Item = &'e LedgerEntry>,
-    inserted: &HashSet<LineKey>,
-) -> Vec<(SpendRow<'e>, i64)> {
-    let mut seen = HashSet::new();
+/// Per `(org_id, scope, scope_id, bucket)`, in that order, what the new `charge` lines of
+/// `entries` (`new`, as [`new_lines`] gives it) add to the spend rollup (as positive numbers).
+pub(crate) fn spend_deltas<'e>(entries: &[&'e LedgerEntry], new: &[bool]) -> Vec<(SpendRow<'e>, i64)> {
     let mut deltas: BTreeMap<SpendRow<'e>, i64> = BTreeMap::new();
-    for e in entries {
-        if e.kind != "charge" {
-            continue;
-        }
-        let key = (e.org_id.clone(), e.kind.clone(), e.reference.clone());
-        if !inserted.contains(&key) || !seen.insert(key) {
-            continue;
-        }
+    for (e, _) in entries.iter().zip(new).filter(|(e, new)| **new && e.kind == "charge") {
         let bucket = e.created_at_ms.div_euclid(SPEND_BUCKET_MS);
         let scopes = [Some(("o", e.org_id.as_str())), e.key_id.as_deref().map(|k| ("k", k)), e.workspace_id.as_deref().map(|w| ("w", w))];
         for (scope, scope_id) in scopes.into_iter().flatten() {
@@ -335,5 +332,40 @@ mod tests {
         }
         let sizes: Vec<usize> = fixed_chunks(&[0u8; 600]).map(<[u8]>::len).collect();
         assert_eq!(sizes, vec![256, 256, 64, 16, 4, 4]);
+    }
+
+    fn line(org: &str, kind: &str, reference: &str, amount_nanos: i64) -> LedgerEntry {
+        LedgerEntry {
+            org_id: org.to_owned(),
+            kind: kind.to_owned(),
+            reference: reference.to_owned(),
+            amount_nanos,
+            ..LedgerEntry::default()
+        }
+    }
+
+    fn key(org: &str, kind: &str, reference: &str) -> LineKey {
+        (org.to_owned(), kind.to_owned(), reference.to_owned())
+    }
+
+    #[test]
+    fn a_line_is_new_once_when_the_database_took_it() {
+        let lines = [line("o1", "charge", "g1", -5), line("o1", "charge", "g2", -7), line("o1", "charge", "g1", -5),
+            line("o2", "charge", "g1", -11), line("o1", "grant", "g1", 100)];
+        let entries: Vec<&LedgerEntry> = lines.iter().collect();
+        let nothing = HashSet::new();
+        // Nothing was there: every first occurrence is new, the repeated g1 charge is not.
+        assert_eq!(new_lines(&entries, Recorded::AlreadyThere(&nothing)), [true, true, false, true, true]);
+        let there = HashSet::from([key("o1", "charge", "g2"), key("o1", "grant", "g1")]);
+        assert_eq!(new_lines(&entries, Recorded::AlreadyThere(&there)), [true, false, false, true, false]);
+        let inserted = HashSet::from([key("o1", "charge", "g1"), key("o2", "charge", "g1")]);
+        let new = new_lines(&entries, Recorded::Inserted(&inserted));
+        assert_eq!(new, [true, false, false, true, false]);
+        assert_eq!(count_new(&new), 2);
+        // Only new lines move the sums, each once.
+        let deltas = balance_deltas(&entries, &new);
+        assert_eq!(deltas, [("o1", BalanceDelta { balance: -5, usage: 5 }), ("o2", BalanceDelta { balance: -11, usage: 11 })]);
+        let spend: Vec<i64> = spend_deltas(&entries, &new).into_iter().map(|(_, spent)| spent).collect();
+        assert_eq!(spend, [5, 11]);
     }
 }

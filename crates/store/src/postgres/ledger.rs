@@ -15,8 +15,8 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::PgStore;
 use crate::sql::{
-    add_lease_usage, available, balance_deltas, balance_upserts, fixed_chunks, spend_deltas, spend_query,
-    spend_upserts, LineKey, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    add_lease_usage, available, balance_deltas, balance_upserts, count_new, fixed_chunks, new_lines, spend_deltas, spend_query,
+    spend_upserts, LineKey, Recorded, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -64,24 +64,22 @@ async fn insert_returning_keys<'e>(
 }
 
 impl PgStore {
-    /// Adds the lines of `entries` that were inserted to this instance's rows of
-    /// `org_balances` and `spend_buckets`, in key order.
-    async fn add_to_balances<'e>(
-        &self,
-        tx: &mut PgConnection,
-        entries: impl IntoIterator<Item = &'e LedgerEntry>,
-        inserted: &HashSet<LineKey>,
-    ) -> Result<(), StoreError> {
-        let entries: Vec<&LedgerEntry> = entries.into_iter().collect();
-        let deltas = balance_deltas(entries.iter().copied(), inserted);
-        for mut upsert in balance_upserts::<Postgres>(&deltas, self.balance_shard) {
+    /// Inserts `entries` (a line that exists already is skipped), adds the new lines to this
+    /// instance's rows of `org_balances` and `spend_buckets`, in key order, and says which lines
+    /// are new ([`new_lines`]).
+    async fn insert_lines(&self, tx: &mut PgConnection, entries: &[&LedgerEntry]) -> Result<Vec<bool>, StoreError> {
+        let mut inserted = HashSet::new();
+        for chunk in fixed_chunks(entries) {
+            inserted.extend(insert_returning_keys(&mut *tx, chunk.iter().copied()).await?);
+        }
+        let new = new_lines(entries, Recorded::Inserted(&inserted));
+        for mut upsert in balance_upserts::<Postgres>(&balance_deltas(entries, &new), self.balance_shard) {
             upsert.build().execute(&mut *tx).await?;
         }
-        let spend = spend_deltas(entries.iter().copied(), inserted);
-        for mut upsert in spend_upserts::<Postgres>(&spend, self.balance_shard) {
+        for mut upsert in spend_upserts::<Postgres>(&spend_deltas(entries, &new), self.balance_shard) {
             upsert.build().execute(&mut *tx).await?;
         }
-        Ok(())
+        Ok(new)
     }
 }
 
@@ -92,13 +90,10 @@ impl LedgerRepo for PgStore {
                 return Ok(0);
             }
             let mut tx = self.pool.begin().await?;
-            let mut new_lines = HashSet::new();
-            for chunk in fixed_chunks(entries) {
-                new_lines.extend(insert_returning_keys(&mut tx, chunk.iter()).await?);
-            }
-            self.add_to_balances(&mut tx, entries, &new_lines).await?;
+            let entries: Vec<&LedgerEntry> = entries.iter().collect();
+            let new = self.insert_lines(&mut tx, &entries).await?;
             tx.commit().await?;
-            Ok(new_lines.len() as u64)
+            Ok(count_new(&new))
         })
     }
 
@@ -108,14 +103,10 @@ impl LedgerRepo for PgStore {
                 return Ok(0);
             }
             let mut tx = self.pool.begin().await?;
-            let mut new_lines = HashSet::new();
-            for chunk in fixed_chunks(charges) {
-                new_lines.extend(insert_returning_keys(&mut tx, chunk.iter().map(|c| &c.entry)).await?);
-            }
-            let inserted = new_lines.len() as u64;
-            self.add_to_balances(&mut tx, charges.iter().map(|c| &c.entry), &new_lines).await?;
+            let entries: Vec<&LedgerEntry> = charges.iter().map(|c| &c.entry).collect();
+            let new = self.insert_lines(&mut tx, &entries).await?;
             let mut usage = BTreeMap::new();
-            add_lease_usage(charges, new_lines, &mut usage);
+            add_lease_usage(charges, &new, &mut usage);
             for ((org_id, lease_id), used) in usage {
                 sqlx::query("UPDATE credit_leases SET used_nanos = used_nanos + $1 WHERE id = $2 AND org_id = $3")
                     .bind(used)
@@ -125,7 +116,7 @@ impl LedgerRepo for PgStore {
                     .await?;
             }
             tx.commit().await?;
-            Ok(inserted)
+            Ok(count_new(&new))
         })
     }
 

@@ -10,8 +10,8 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::SqliteStore;
 use crate::sql::{
-    add_lease_usage, available, balance_deltas, balance_upserts, fixed_chunks, spend_deltas, spend_query,
-    spend_upserts, LineKey, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    add_lease_usage, available, balance_deltas, balance_upserts, count_new, fixed_chunks, new_lines, spend_deltas, spend_query,
+    spend_upserts, LineKey, Recorded, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -76,28 +76,23 @@ async fn existing_lines(
 }
 
 /// Inserts `entries` (a line that exists already is skipped), adds the new lines to
-/// `org_balances` and `spend_buckets` and returns their keys. Which lines exist is asked first (normally none: one
-/// statement that returns no row); `RETURNING` on the insert would stream every inserted row
-/// back through sqlx's worker channel, one hand-off per row.
-async fn insert_lines(conn: &mut SqliteConnection, entries: &[&LedgerEntry]) -> Result<HashSet<LineKey>, StoreError> {
+/// `org_balances` and `spend_buckets` and says which lines are new ([`new_lines`]). Which lines
+/// exist is asked first (normally none: one statement that returns no row); `RETURNING` on the
+/// insert would stream every inserted row back through sqlx's worker channel, one hand-off per
+/// row.
+async fn insert_lines(conn: &mut SqliteConnection, entries: &[&LedgerEntry]) -> Result<Vec<bool>, StoreError> {
     let existing = existing_lines(conn, entries).await?;
     for chunk in fixed_chunks(entries) {
         ledger_insert(chunk.iter().copied()).build().execute(&mut *conn).await?;
     }
-    let new_lines: HashSet<LineKey> = entries
-        .iter()
-        .map(|e| (e.org_id.clone(), e.kind.clone(), e.reference.clone()))
-        .filter(|key| !existing.contains(key))
-        .collect();
-    let deltas = balance_deltas(entries.iter().copied(), &new_lines);
-    for mut upsert in balance_upserts::<Sqlite>(&deltas, 0) {
+    let new = new_lines(entries, Recorded::AlreadyThere(&existing));
+    for mut upsert in balance_upserts::<Sqlite>(&balance_deltas(entries, &new), 0) {
         upsert.build().execute(&mut *conn).await?;
     }
-    let spend = spend_deltas(entries.iter().copied(), &new_lines);
-    for mut upsert in spend_upserts::<Sqlite>(&spend, 0) {
+    for mut upsert in spend_upserts::<Sqlite>(&spend_deltas(entries, &new), 0) {
         upsert.build().execute(&mut *conn).await?;
     }
-    Ok(new_lines)
+    Ok(new)
 }
 
 impl LedgerRepo for SqliteStore {
@@ -108,7 +103,7 @@ impl LedgerRepo for SqliteStore {
             }
             let mut tx = self.begin_write().await?;
             let entries: Vec<&LedgerEntry> = entries.iter().collect();
-            let inserted = insert_lines(&mut tx, &entries).await?.len() as u64;
+            let inserted = count_new(&insert_lines(&mut tx, &entries).await?);
             tx.commit().await?;
             Ok(inserted)
         })
@@ -121,10 +116,9 @@ impl LedgerRepo for SqliteStore {
             }
             let mut tx = self.begin_write().await?;
             let entries: Vec<&LedgerEntry> = charges.iter().map(|c| &c.entry).collect();
-            let new_lines = insert_lines(&mut tx, &entries).await?;
-            let inserted = new_lines.len() as u64;
+            let new = insert_lines(&mut tx, &entries).await?;
             let mut usage = BTreeMap::new();
-            add_lease_usage(charges, new_lines, &mut usage);
+            add_lease_usage(charges, &new, &mut usage);
             for ((org_id, lease_id), used) in usage {
                 sqlx::query("UPDATE credit_leases SET used_nanos = used_nanos + ? WHERE id = ? AND org_id = ?")
                     .bind(used)
@@ -134,7 +128,7 @@ impl LedgerRepo for SqliteStore {
                     .await?;
             }
             tx.commit().await?;
-            Ok(inserted)
+            Ok(count_new(&new))
         })
     }
 
