@@ -112,27 +112,16 @@ pub(crate) fn unix_now_ms() -> i64 {
 /// `(org_id, kind, reference)`: what identifies a ledger line.
 pub(crate) type LineKey = (String, String, String);
 
-/// What the database said of a batch's ledger lines: the keys it already had (SQLite asks
-/// first), or the keys it inserted (Postgres' `RETURNING`).
-pub(crate) enum Recorded<'k> {
-    AlreadyThere(&'k HashSet<LineKey>),
-    Inserted(&'k HashSet<LineKey>),
-}
-
-/// For each of `entries`, whether its line is new: inserted by this batch and the first of its
-/// key in it (a line the batch repeats is counted once). Borrowed keys: no copy of the three
-/// strings per line, and no lookup at all in the usual case (nothing was there before).
-pub(crate) fn new_lines(entries: &[&LedgerEntry], recorded: Recorded<'_>) -> Vec<bool> {
+/// For each of `entries`, whether its line is new: among the keys the database reports
+/// inserted, and the first of its key in the batch (a line the batch repeats is counted once).
+/// Borrowed keys: no copy of the three strings per line.
+pub(crate) fn new_lines(entries: &[&LedgerEntry], inserted: &HashSet<LineKey>) -> Vec<bool> {
     fn key(e: &LedgerEntry) -> (&str, &str, &str) {
         (e.org_id.as_str(), e.kind.as_str(), e.reference.as_str())
     }
-    let (keys, listed_are_new) = match recorded {
-        Recorded::AlreadyThere(keys) => (keys, false),
-        Recorded::Inserted(keys) => (keys, true),
-    };
-    let listed: HashSet<(&str, &str, &str)> = keys.iter().map(|(o, k, r)| (o.as_str(), k.as_str(), r.as_str())).collect();
+    let inserted: HashSet<(&str, &str, &str)> = inserted.iter().map(|(o, k, r)| (o.as_str(), k.as_str(), r.as_str())).collect();
     let mut seen = HashSet::with_capacity(entries.len());
-    entries.iter().map(|e| listed.contains(&key(e)) == listed_are_new && seen.insert(key(e))).collect()
+    entries.iter().map(|e| inserted.contains(&key(e)) && seen.insert(key(e))).collect()
 }
 
 /// How many lines of a batch are new (of [`new_lines`]' answer).
@@ -353,13 +342,11 @@ mod tests {
         let lines = [line("o1", "charge", "g1", -5), line("o1", "charge", "g2", -7), line("o1", "charge", "g1", -5),
             line("o2", "charge", "g1", -11), line("o1", "grant", "g1", 100)];
         let entries: Vec<&LedgerEntry> = lines.iter().collect();
-        let nothing = HashSet::new();
-        // Nothing was there: every first occurrence is new, the repeated g1 charge is not.
-        assert_eq!(new_lines(&entries, Recorded::AlreadyThere(&nothing)), [true, true, false, true, true]);
-        let there = HashSet::from([key("o1", "charge", "g2"), key("o1", "grant", "g1")]);
-        assert_eq!(new_lines(&entries, Recorded::AlreadyThere(&there)), [true, false, false, true, false]);
+        // The repeated g1 charge is new once; lines the database did not insert are not new.
+        let all: HashSet<LineKey> = lines.iter().map(|l| key(&l.org_id, &l.kind, &l.reference)).collect();
+        assert_eq!(new_lines(&entries, &all), [true, true, false, true, true]);
         let inserted = HashSet::from([key("o1", "charge", "g1"), key("o2", "charge", "g1")]);
-        let new = new_lines(&entries, Recorded::Inserted(&inserted));
+        let new = new_lines(&entries, &inserted);
         assert_eq!(new, [true, false, false, true, false]);
         assert_eq!(count_new(&new), 2);
         // Only new lines move the sums, each once.

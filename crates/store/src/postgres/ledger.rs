@@ -16,7 +16,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 use super::PgStore;
 use crate::sql::{
     add_lease_usage, available, balance_deltas, balance_upserts, count_new, fixed_chunks, new_lines, spend_deltas, spend_query,
-    spend_upserts, LineKey, Recorded, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    spend_upserts, LineKey, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -72,7 +72,7 @@ impl PgStore {
         for chunk in fixed_chunks(entries) {
             inserted.extend(insert_returning_keys(&mut *tx, chunk.iter().copied()).await?);
         }
-        let new = new_lines(entries, Recorded::Inserted(&inserted));
+        let new = new_lines(entries, &inserted);
         for mut upsert in balance_upserts::<Postgres>(&balance_deltas(entries, &new), self.balance_shard) {
             upsert.build().execute(&mut *tx).await?;
         }

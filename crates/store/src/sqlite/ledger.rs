@@ -4,14 +4,14 @@
 //! `open_lease` that makes "is the lease covered?" and "insert it" one step with respect to
 //! every other writer, in this process or another one using the same file.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::SqliteStore;
 use crate::sql::{
     add_lease_usage, available, balance_deltas, balance_upserts, count_new, fixed_chunks, new_lines, spend_deltas, spend_query,
-    spend_upserts, LineKey, Recorded, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    spend_upserts, LineKey, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
@@ -52,40 +52,29 @@ async fn balance_and_reserved(
     .await?)
 }
 
-/// The keys of those `entries` whose ledger line is already recorded.
-async fn existing_lines(
-    conn: &mut SqliteConnection,
-    entries: &[&LedgerEntry],
-) -> Result<HashSet<LineKey>, StoreError> {
-    let mut existing = HashSet::new();
-    for chunk in fixed_chunks(entries) {
-        let mut query = QueryBuilder::<Sqlite>::new("SELECT l.org_id, l.kind, l.reference FROM (");
-        query.push_values(chunk, |mut row, entry| {
-            row.push_bind(&entry.org_id).push_bind(&entry.kind).push_bind(&entry.reference);
-        });
-        // The join walks the few looked-for keys and probes the unique (org_id, kind, reference)
-        // index for each.
-        query.push(
-            ") AS v JOIN ledger_entries AS l \
-             ON l.org_id = v.column1 AND l.kind = v.column2 AND l.reference = v.column3",
-        );
-        let rows: Vec<LineKey> = query.build_query_as().fetch_all(&mut *conn).await?;
-        existing.extend(rows);
-    }
-    Ok(existing)
-}
-
 /// Inserts `entries` (a line that exists already is skipped), adds the new lines to
-/// `org_balances` and `spend_buckets` and says which lines are new ([`new_lines`]). Which lines
-/// exist is asked first (normally none: one statement that returns no row); `RETURNING` on the
-/// insert would stream every inserted row back through sqlx's worker channel, one hand-off per
-/// row.
+/// `org_balances` and `spend_buckets` and says which lines are new ([`new_lines`]). Which ones
+/// the database took is known without asking about each line: when every line was inserted
+/// (the usual case) the inserts' row counts say so; otherwise the lines inserted are those
+/// with an id above the largest before (`AUTOINCREMENT` ids only grow, and the transaction
+/// holds the write lock). `RETURNING` would stream every inserted row back through sqlx's
+/// worker channel, one hand-off per row; asking first which lines exist cost an index probe
+/// per line on top of the insert's own.
 async fn insert_lines(conn: &mut SqliteConnection, entries: &[&LedgerEntry]) -> Result<Vec<bool>, StoreError> {
-    let existing = existing_lines(conn, entries).await?;
+    let (last_id_before,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(id), 0) FROM ledger_entries").fetch_one(&mut *conn).await?;
+    let mut inserted = 0;
     for chunk in fixed_chunks(entries) {
-        ledger_insert(chunk.iter().copied()).build().execute(&mut *conn).await?;
+        inserted += ledger_insert(chunk.iter().copied()).build().execute(&mut *conn).await?.rows_affected();
     }
-    let new = new_lines(entries, Recorded::AlreadyThere(&existing));
+    let new = if inserted == entries.len() as u64 {
+        vec![true; entries.len()]
+    } else {
+        let rows: Vec<LineKey> = sqlx::query_as("SELECT org_id, kind, reference FROM ledger_entries WHERE id > ?")
+            .bind(last_id_before)
+            .fetch_all(&mut *conn)
+            .await?;
+        new_lines(entries, &rows.into_iter().collect())
+    };
     for mut upsert in balance_upserts::<Sqlite>(&balance_deltas(entries, &new), 0) {
         upsert.build().execute(&mut *conn).await?;
     }
