@@ -59,7 +59,7 @@ pub struct Billing {
 
 impl Admission {
     /// Counts the request against its key's and IP's per-minute and per-day limits.
-    pub async fn count(&self, principal: &Principal, ip: Option<&str>) -> Result<Quota, ApiError> {
+    pub async fn count(&self, principal: &Principal, ip: Option<std::net::IpAddr>) -> Result<Quota, ApiError> {
         self.limiter.admit(principal, ip, &self.defaults, unix_now_ms()).await.map_err(|refusal| match refusal {
             Refusal::PerMinute { limit, retry_after_s } => ApiError::RateLimited {
                 code: "rate_limit_exceeded",

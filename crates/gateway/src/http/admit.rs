@@ -36,8 +36,7 @@ pub struct Admitted {
 /// counts the call against its rate limits.
 pub async fn caller(state: &AppState, principal: Principal, peer: SocketAddr) -> Result<(Principal, Quota), ApiError> {
     principal.require_inference()?;
-    let ip = peer.ip().to_string();
-    let quota = state.admission.count(&principal, Some(&ip)).await?;
+    let quota = state.admission.count(&principal, Some(peer.ip())).await?;
     Ok((principal, quota))
 }
 

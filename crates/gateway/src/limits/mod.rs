@@ -16,6 +16,7 @@
 mod shared;
 mod table;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use marga_store::RateRepo;
@@ -110,7 +111,7 @@ impl Limiter {
     pub async fn admit(
         &self,
         principal: &Principal,
-        ip: Option<&str>,
+        ip: Option<IpAddr>,
         defaults: &LimitDefaults,
         now_ms: i64,
     ) -> Result<Quota, Refusal> {
@@ -127,7 +128,8 @@ impl Limiter {
         };
         if let (Some(ip), true) = (ip, defaults.ip_rpm > 0) {
             let ip_limits = Limits { rpm: Some(defaults.ip_rpm), daily: None };
-            self.check(&self.ips, "ip", ip, ip_limits, tz, now_ms).await?;
+            // Printed only here: most gateways have no per-IP limit.
+            self.check(&self.ips, "ip", &ip.to_string(), ip_limits, tz, now_ms).await?;
         }
         self.check(&self.keys, "k", &key.id, limits, tz, now_ms).await
     }
