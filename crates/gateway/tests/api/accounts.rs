@@ -204,6 +204,26 @@ async fn per_minute_and_per_day_limits_answer_429_with_retry_after() {
     assert_eq!(refused.body["error"]["code"], "daily_limit_reached");
 }
 
+/// `[limits] ip_rpm`: one client's requests count together, whatever key they carry; the
+/// master key is not limited.
+#[tokio::test]
+async fn the_per_ip_limit_counts_every_key_of_one_client() {
+    let options = Options { extra_toml: "\n[limits]\nip_rpm = 3\n".into(), ..Options::default() };
+    let app = spawn_app_with(options).await;
+    let (org, management) = new_org(&app, "USD").await;
+    grant(&app, &org, "5").await;
+    let (first, _) = new_key(&app, &management, json!({"name": "first"})).await;
+    let (second, _) = new_key(&app, &management, json!({"name": "second"})).await;
+    for key in [&first, &second, &first] {
+        assert_eq!(post(&app, key, "/v1/chat/completions", &chat(8)).await.status, 200);
+    }
+    let refused = post(&app, &second, "/v1/chat/completions", &chat(8)).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "rate_limit_exceeded");
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(post(&app, &app.master_key, "/v1/chat/completions", &chat(8)).await.status, 200);
+}
+
 #[tokio::test]
 async fn key_budgets_and_guardrails_are_enforced_at_admission() {
     let app = spawn_app().await;
