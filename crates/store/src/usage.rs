@@ -258,14 +258,21 @@ struct AttemptOutcome<'a> {
     outcome: Cow<'a, str>,
 }
 
-/// Sums the records that `inserted` names (those the insert added) into rollup deltas, one
-/// per key, sorted (so that concurrent writers lock rows in one order). Keys borrow from the
-/// records while summing: one owned copy per distinct key, not per record.
-pub(crate) fn rollup_deltas(records: &[GenerationRecord], inserted: &HashSet<String>) -> RollupDeltas {
+/// For each of `records`, whether the insert added it: its id is among those the database
+/// reports inserted, and it is the first record of that id in the batch.
+pub(crate) fn new_records(records: &[GenerationRecord], inserted: &HashSet<String>) -> Vec<bool> {
+    let mut seen = HashSet::with_capacity(records.len());
+    records.iter().map(|r| inserted.contains(&r.id) && seen.insert(r.id.as_str())).collect()
+}
+
+/// Sums the records the insert added (`new`, as [`new_records`] gives it) into rollup deltas,
+/// one per key, sorted (so that concurrent writers lock rows in one order). Keys borrow from
+/// the records while summing: one owned copy per distinct key, not per record.
+pub(crate) fn rollup_deltas(records: &[GenerationRecord], new: &[bool]) -> RollupDeltas {
     type UsageKey<'a> = (&'a str, i64, &'a str, &'a str, &'a str);
     let mut usage: BTreeMap<UsageKey<'_>, UsageRow> = BTreeMap::new();
     let mut routes: BTreeMap<(&str, Cow<'_, str>, i64), [i64; 9]> = BTreeMap::new();
-    for r in records.iter().filter(|r| inserted.contains(&r.id)) {
+    for (r, _) in records.iter().zip(new).filter(|(_, new)| **new) {
         let provider = r.provider.as_deref().unwrap_or_default();
         let key = (r.org_id.as_deref().unwrap_or_default(), r.local_day, r.key_id.as_deref().unwrap_or_default(), r.model.as_str(), provider);
         add_record(usage.entry(key).or_default(), r);
@@ -422,9 +429,11 @@ mod tests {
             attempts: r#"[{"provider":"a","outcome":"http_error"},{"provider":"b","outcome":"success"}]"#.into(),
             ..GenerationRecord::default()
         };
-        let records = [record("1", "success", 7), record("2", "error", 0), record("3", "success", 9)];
+        let records = [record("1", "success", 7), record("2", "error", 0), record("3", "success", 9), record("1", "success", 7)];
         let inserted: HashSet<String> = ["1".to_owned(), "2".to_owned()].into();
-        let deltas = rollup_deltas(&records, &inserted);
+        let new = new_records(&records, &inserted);
+        assert_eq!(new, [true, true, false, false], "3 was not inserted, 1 is counted once");
+        let deltas = rollup_deltas(&records, &new);
         assert_eq!(deltas.usage.len(), 1);
         let row = &deltas.usage[0];
         assert_eq!((row.requests, row.errors, row.prompt_tokens, row.cost_nanos, row.day), (2, 1, 20, 7, 3));

@@ -6,6 +6,7 @@ use sqlx::{Postgres, QueryBuilder};
 
 use super::PgStore;
 use crate::sql::{fixed_chunks, push_generation_values, GENERATION_COLUMNS};
+use crate::usage::new_records;
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
 
@@ -25,7 +26,7 @@ impl GenerationRepo for PgStore {
                 let ids: Vec<(String,)> = builder.build_query_as().fetch_all(&mut *tx).await?;
                 inserted.extend(ids.into_iter().map(|(id,)| id));
             }
-            super::usage::add_to_rollups(&mut tx, records, &inserted).await?;
+            super::usage::add_to_rollups(&mut tx, records, &new_records(records, &inserted)).await?;
             tx.commit().await?;
             Ok(())
         })

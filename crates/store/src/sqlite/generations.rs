@@ -1,11 +1,10 @@
 //! SQLite: the request log (and its rollups, in the same transaction) and saved fallback chains.
 
-use std::collections::HashSet;
-
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::SqliteStore;
 use crate::sql::{fixed_chunks, push_generation_values, GENERATION_COLUMNS};
+use crate::usage::new_records;
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
 
@@ -16,30 +15,32 @@ impl GenerationRepo for SqliteStore {
                 return Ok(());
             }
             let mut tx = self.begin_write().await?;
-            // Which of these ids exist already (a replayed spill file): normally none, so one
-            // statement that returns no row. `RETURNING` on the insert would stream every
-            // inserted row back through sqlx's worker channel, one hand-off per row.
-            let mut existing = HashSet::new();
-            for batch in fixed_chunks(records) {
-                let mut query = QueryBuilder::<Sqlite>::new("SELECT id FROM generations WHERE id IN (");
-                let mut ids = query.separated(", ");
-                for r in batch {
-                    ids.push_bind(&r.id);
-                }
-                query.push(")");
-                let rows: Vec<(String,)> = query.build_query_as().fetch_all(&mut *tx).await?;
-                existing.extend(rows.into_iter().map(|(id,)| id));
-            }
+            // Which records the insert added (normally all; a replayed spill file may repeat
+            // some) is known without asking about each id: the row counts say when all were
+            // added, else the rows above the largest rowid before are the new ones (the
+            // transaction holds the write lock). Asking first which ids exist cost a primary-key
+            // probe per record on top of the insert's own; `RETURNING` would stream every row
+            // back through sqlx's worker channel, one hand-off per row.
+            let (last_rowid_before,): (i64,) =
+                sqlx::query_as("SELECT COALESCE(MAX(rowid), 0) FROM generations").fetch_one(&mut *tx).await?;
+            let mut added = 0;
             for batch in fixed_chunks(records) {
                 let mut builder =
                     QueryBuilder::<Sqlite>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
                 push_generation_values(&mut builder, batch);
                 builder.push(" ON CONFLICT (id) DO NOTHING");
-                builder.build().execute(&mut *tx).await?;
+                added += builder.build().execute(&mut *tx).await?.rows_affected();
             }
-            let inserted: HashSet<String> =
-                records.iter().filter(|r| !existing.contains(&r.id)).map(|r| r.id.clone()).collect();
-            super::usage::add_to_rollups(&mut tx, records, &inserted).await?;
+            let new = if added == records.len() as u64 {
+                vec![true; records.len()]
+            } else {
+                let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM generations WHERE rowid > ?")
+                    .bind(last_rowid_before)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                new_records(records, &ids.into_iter().map(|(id,)| id).collect())
+            };
+            super::usage::add_to_rollups(&mut tx, records, &new).await?;
             tx.commit().await?;
             Ok(())
         })

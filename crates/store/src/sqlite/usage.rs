@@ -1,7 +1,5 @@
 //! SQLite: usage analytics queries and the rollup upserts (SQL shared in `crate::usage`).
 
-use std::collections::HashSet;
-
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Sqlite, Transaction};
 
@@ -27,13 +25,13 @@ fn arguments(binds: Vec<Bind>) -> SqliteArguments<'static> {
     args
 }
 
-/// Adds to the rollups what the records named in `inserted` count (same transaction).
+/// Adds to the rollups what the records the insert added (`new`) count (same transaction).
 pub(super) async fn add_to_rollups(
     tx: &mut Transaction<'static, Sqlite>,
     records: &[GenerationRecord],
-    inserted: &HashSet<String>,
+    new: &[bool],
 ) -> Result<(), StoreError> {
-    let deltas = rollup_deltas(records, inserted);
+    let deltas = rollup_deltas(records, new);
     for rows in crate::sql::fixed_chunks(&deltas.usage) {
         let sql = usage_upsert_sql(rows.len());
         sqlx::query_with(&sql, arguments(usage_upsert_binds(rows))).execute(&mut **tx).await?;
