@@ -2,6 +2,7 @@
 //! schemas), the request-log insert's values, and the dialect-free parts of the ledger logic.
 
 use std::collections::{BTreeMap, HashSet};
+use std::hash::Hash;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::{Database, Encode, QueryBuilder, Type};
@@ -112,16 +113,28 @@ pub(crate) fn unix_now_ms() -> i64 {
 /// `(org_id, kind, reference)`: what identifies a ledger line.
 pub(crate) type LineKey = (String, String, String);
 
-/// For each of `entries`, whether its line is new: among the keys the database reports
-/// inserted, and the first of its key in the batch (a line the batch repeats is counted once).
-/// Borrowed keys: no copy of the three strings per line.
+/// For each of a batch's rows, whether the insert added it: its key is among those the
+/// database reports inserted, and it is the first row of that key in the batch (a row the batch
+/// repeats is counted once). The writers' rollups and running sums count only these.
+pub(crate) fn first_inserted<T, K: Hash + Eq>(
+    rows: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> K,
+    inserted: impl Fn(&K) -> bool,
+) -> Vec<bool> {
+    let mut seen = HashSet::new();
+    rows.into_iter()
+        .map(|row| {
+            let key = key(&row);
+            inserted(&key) && seen.insert(key)
+        })
+        .collect()
+}
+
+/// [`first_inserted`] for ledger lines, over borrowed keys: no copy of the three strings per
+/// line.
 pub(crate) fn new_lines(entries: &[&LedgerEntry], inserted: &HashSet<LineKey>) -> Vec<bool> {
-    fn key(e: &LedgerEntry) -> (&str, &str, &str) {
-        (e.org_id.as_str(), e.kind.as_str(), e.reference.as_str())
-    }
     let inserted: HashSet<(&str, &str, &str)> = inserted.iter().map(|(o, k, r)| (o.as_str(), k.as_str(), r.as_str())).collect();
-    let mut seen = HashSet::with_capacity(entries.len());
-    entries.iter().map(|e| inserted.contains(&key(e)) && seen.insert(key(e))).collect()
+    first_inserted(entries, |e| (e.org_id.as_str(), e.kind.as_str(), e.reference.as_str()), |key| inserted.contains(key))
 }
 
 /// How many lines of a batch are new (of [`new_lines`]' answer).

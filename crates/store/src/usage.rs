@@ -20,6 +20,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
+use crate::sql::first_inserted;
 use crate::{BoxFuture, GenerationRecord, StoreError};
 
 const DAY_MS: i64 = 86_400_000;
@@ -258,11 +259,9 @@ struct AttemptOutcome<'a> {
     outcome: Cow<'a, str>,
 }
 
-/// For each of `records`, whether the insert added it: its id is among those the database
-/// reports inserted, and it is the first record of that id in the batch.
+/// [`first_inserted`] for request-log records, by id.
 pub(crate) fn new_records(records: &[GenerationRecord], inserted: &HashSet<String>) -> Vec<bool> {
-    let mut seen = HashSet::with_capacity(records.len());
-    records.iter().map(|r| inserted.contains(&r.id) && seen.insert(r.id.as_str())).collect()
+    first_inserted(records, |r| r.id.as_str(), |id| inserted.contains(*id))
 }
 
 /// Sums the records the insert added (`new`, as [`new_records`] gives it) into rollup deltas,
