@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::hash::Hash;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sqlx::{Database, Encode, QueryBuilder, Type};
+use sqlx::{Arguments, Database, Encode, QueryBuilder, Type};
 
 use crate::{Charge, GenerationRecord, LedgerEntry};
 
@@ -14,9 +14,9 @@ pub(crate) const GENERATION_COLUMNS: &str = "id, created_at_ms, org_id, key_id, 
     usage_estimated, cost, currency, latency_ms, ttft_ms, finish_reason, attempts, error, user_agent, referer, end_user, \
     cost_nanos, generation_time_ms, cancelled, byok, local_day";
 
-/// The `VALUES (…), (…)` of a request-log insert, in [`GENERATION_COLUMNS`] order, binding
-/// the records' fields by reference. The same for both databases.
-pub(crate) fn push_generation_values<'a, DB>(builder: &mut QueryBuilder<'a, DB>, records: &'a [GenerationRecord])
+/// The request-log insert's binds, row by row in [`GENERATION_COLUMNS`] order (31 per record),
+/// by reference. The same for both databases.
+pub(crate) fn generation_arguments<'a, DB>(records: &'a [GenerationRecord]) -> Result<DB::Arguments<'a>, sqlx::Error>
 where
     DB: Database,
     String: Encode<'a, DB> + Type<DB>,
@@ -25,39 +25,72 @@ where
     Option<i64>: Encode<'a, DB> + Type<DB>,
     bool: Encode<'a, DB> + Type<DB>,
 {
-    builder.push_values(records, |mut row, r| {
-        row.push_bind(&r.id)
-            .push_bind(r.created_at_ms)
-            .push_bind(&r.org_id)
-            .push_bind(&r.key_id)
-            .push_bind(&r.endpoint)
-            .push_bind(&r.model)
-            .push_bind(&r.provider)
-            .push_bind(&r.upstream_model)
-            .push_bind(r.streamed)
-            .push_bind(&r.status)
-            .push_bind(r.http_status)
-            .push_bind(r.prompt_tokens)
-            .push_bind(r.completion_tokens)
-            .push_bind(r.cached_tokens)
-            .push_bind(r.reasoning_tokens)
-            .push_bind(r.usage_estimated)
-            .push_bind(&r.cost)
-            .push_bind(&r.currency)
-            .push_bind(r.latency_ms)
-            .push_bind(r.ttft_ms)
-            .push_bind(&r.finish_reason)
-            .push_bind(&r.attempts)
-            .push_bind(&r.error)
-            .push_bind(&r.user_agent)
-            .push_bind(&r.referer)
-            .push_bind(&r.end_user)
-            .push_bind(r.cost_nanos)
-            .push_bind(r.generation_time_ms)
-            .push_bind(r.cancelled)
-            .push_bind(r.byok)
-            .push_bind(r.local_day);
-    });
+    let mut args = DB::Arguments::<'a>::default();
+    args.reserve(records.len() * 31, 0);
+    for r in records {
+        add(&mut args, &r.id)?;
+        add(&mut args, r.created_at_ms)?;
+        add(&mut args, &r.org_id)?;
+        add(&mut args, &r.key_id)?;
+        add(&mut args, &r.endpoint)?;
+        add(&mut args, &r.model)?;
+        add(&mut args, &r.provider)?;
+        add(&mut args, &r.upstream_model)?;
+        add(&mut args, r.streamed)?;
+        add(&mut args, &r.status)?;
+        add(&mut args, r.http_status)?;
+        add(&mut args, r.prompt_tokens)?;
+        add(&mut args, r.completion_tokens)?;
+        add(&mut args, r.cached_tokens)?;
+        add(&mut args, r.reasoning_tokens)?;
+        add(&mut args, r.usage_estimated)?;
+        add(&mut args, &r.cost)?;
+        add(&mut args, &r.currency)?;
+        add(&mut args, r.latency_ms)?;
+        add(&mut args, r.ttft_ms)?;
+        add(&mut args, &r.finish_reason)?;
+        add(&mut args, &r.attempts)?;
+        add(&mut args, &r.error)?;
+        add(&mut args, &r.user_agent)?;
+        add(&mut args, &r.referer)?;
+        add(&mut args, &r.end_user)?;
+        add(&mut args, r.cost_nanos)?;
+        add(&mut args, r.generation_time_ms)?;
+        add(&mut args, r.cancelled)?;
+        add(&mut args, r.byok)?;
+        add(&mut args, r.local_day)?;
+    }
+    Ok(args)
+}
+
+/// The ledger insert's binds, row by row in [`LEDGER_INSERT_COLUMNS`] order (9 per line), by
+/// reference. The same for both databases.
+pub(crate) fn ledger_arguments<'a, DB>(entries: &[&'a LedgerEntry]) -> Result<DB::Arguments<'a>, sqlx::Error>
+where
+    DB: Database,
+    String: Encode<'a, DB> + Type<DB>,
+    Option<String>: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+{
+    let mut args = DB::Arguments::<'a>::default();
+    args.reserve(entries.len() * 9, 0);
+    for e in entries {
+        add(&mut args, &e.org_id)?;
+        add(&mut args, e.amount_nanos)?;
+        add(&mut args, &e.currency)?;
+        add(&mut args, &e.kind)?;
+        add(&mut args, &e.reference)?;
+        add(&mut args, &e.key_id)?;
+        add(&mut args, &e.workspace_id)?;
+        add(&mut args, &e.note)?;
+        add(&mut args, e.created_at_ms)?;
+    }
+    Ok(args)
+}
+
+/// One bind; the encoders used here cannot fail, but an error is still an error.
+fn add<'a, DB: Database, T: 'a + Encode<'a, DB> + Type<DB>>(args: &mut DB::Arguments<'a>, value: T) -> Result<(), sqlx::Error> {
+    args.add(value).map_err(sqlx::Error::Encode)
 }
 
 pub(crate) const ORG_COLUMNS: &str = "id, name, currency, timezone, created_at_ms";
@@ -93,13 +126,68 @@ const STATEMENT_ROWS: [usize; 5] = [256, 64, 16, 4, 1];
 /// Cuts `items` into consecutive pieces whose lengths are in [`STATEMENT_ROWS`], greedily
 /// (at most three pieces of each smaller size follow the largest ones).
 pub(crate) fn fixed_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    sized_chunks(items).map(|(_, piece)| piece)
+}
+
+/// [`fixed_chunks`], each piece with the index of its size in [`STATEMENT_ROWS`].
+fn sized_chunks<T>(items: &[T]) -> impl Iterator<Item = (usize, &[T])> {
     let mut rest = items;
     std::iter::from_fn(move || {
-        let size = STATEMENT_ROWS.into_iter().find(|&size| size <= rest.len())?;
-        let (piece, after) = rest.split_at(size);
+        let index = STATEMENT_ROWS.iter().position(|&size| size <= rest.len())?;
+        let (piece, after) = rest.split_at(STATEMENT_ROWS[index]);
         rest = after;
-        Some(piece)
+        Some((index, piece))
     })
+}
+
+/// How a dialect writes placeholders: SQLite `?`, Postgres `$1`, `$2`, ….
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Placeholders {
+    Question,
+    Numbered,
+}
+
+/// The text of one multi-row statement for each size of [`STATEMENT_ROWS`], written once (the
+/// writers keep them in statics): `{head} VALUES (…), (…) {tail}`. Writing the text placeholder
+/// by placeholder for every batch (sqlx's `QueryBuilder` formats each one) cost the writers
+/// more instructions than binding the values.
+pub(crate) struct MultiRowSql {
+    texts: [String; STATEMENT_ROWS.len()],
+}
+
+impl MultiRowSql {
+    pub(crate) fn new(head: &str, columns: usize, tail: &str, placeholders: Placeholders) -> Self {
+        MultiRowSql { texts: STATEMENT_ROWS.map(|rows| multi_row_sql(head, columns, rows, tail, placeholders)) }
+    }
+
+    /// `items` cut as [`fixed_chunks`] cuts them, each piece with its statement's text.
+    pub(crate) fn pieces<'s, 'i, T>(&'s self, items: &'i [T]) -> impl Iterator<Item = (&'s str, &'i [T])> {
+        sized_chunks(items).map(|(index, piece)| (self.texts[index].as_str(), piece))
+    }
+}
+
+fn multi_row_sql(head: &str, columns: usize, rows: usize, tail: &str, placeholders: Placeholders) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns * 6 + 16);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            match placeholders {
+                Placeholders::Question => sql.push('?'),
+                // Writing to a String cannot fail.
+                Placeholders::Numbered => drop(write!(sql, "${}", row * columns + column + 1)),
+            }
+        }
+        sql.push(')');
+    }
+    sql.push(' ');
+    sql.push_str(tail);
+    sql
 }
 
 /// Milliseconds since the Unix epoch, by the system clock (the gateway's clock too).
@@ -334,6 +422,25 @@ mod tests {
         }
         let sizes: Vec<usize> = fixed_chunks(&[0u8; 600]).map(<[u8]>::len).collect();
         assert_eq!(sizes, vec![256, 256, 64, 16, 4, 4]);
+    }
+
+    #[test]
+    fn multi_row_texts_match_their_pieces_in_both_dialects() {
+        let sqlite = MultiRowSql::new("INSERT INTO t (a, b)", 2, "ON CONFLICT DO NOTHING", Placeholders::Question);
+        let items: Vec<u8> = vec![0; 5];
+        let pieces: Vec<(&str, &[u8])> = sqlite.pieces(&items).collect();
+        assert_eq!(pieces.iter().map(|(_, p)| p.len()).collect::<Vec<_>>(), [4, 1]);
+        assert_eq!(pieces[1].0, "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING");
+        assert_eq!(pieces[0].0.matches('?').count(), 8);
+        let postgres = MultiRowSql::new("INSERT INTO t (a, b)", 2, "RETURNING a", Placeholders::Numbered);
+        let (text, _) = postgres.pieces(&items[..4]).next().unwrap();
+        assert_eq!(text, "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6), ($7, $8) RETURNING a");
+        // Every piece of a large batch has a text whose placeholders match its binds.
+        let items: Vec<u8> = vec![0; 600];
+        for (text, piece) in postgres.pieces(&items) {
+            assert_eq!(text.matches('$').count(), piece.len() * 2);
+            assert!(text.contains(&format!("${})", piece.len() * 2)));
+        }
     }
 
     fn line(org: &str, kind: &str, reference: &str, amount_nanos: i64) -> LedgerEntry {

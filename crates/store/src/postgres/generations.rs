@@ -1,14 +1,19 @@
 //! Postgres: the request log (and its rollups, in the same transaction) and saved fallback chains.
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 
-use sqlx::{Postgres, QueryBuilder};
+use sqlx::Postgres;
 
 use super::PgStore;
-use crate::sql::{fixed_chunks, push_generation_values, GENERATION_COLUMNS};
+use crate::sql::{generation_arguments, MultiRowSql, Placeholders, GENERATION_COLUMNS};
 use crate::usage::new_records;
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
+static INSERT: LazyLock<MultiRowSql> = LazyLock::new(|| {
+    let head = format!("INSERT INTO generations ({GENERATION_COLUMNS})");
+    MultiRowSql::new(&head, 31, "ON CONFLICT (id) DO NOTHING RETURNING id", Placeholders::Numbered)
+});
 
 impl GenerationRepo for PgStore {
     fn insert_generations<'a>(&'a self, records: &'a [GenerationRecord]) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -18,12 +23,9 @@ impl GenerationRepo for PgStore {
             }
             let mut tx = self.pool.begin().await?;
             let mut inserted = HashSet::with_capacity(records.len());
-            for batch in fixed_chunks(records) {
-                let mut builder =
-                    QueryBuilder::<Postgres>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
-                push_generation_values(&mut builder, batch);
-                builder.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-                let ids: Vec<(String,)> = builder.build_query_as().fetch_all(&mut *tx).await?;
+            for (sql, batch) in INSERT.pieces(records) {
+                let args = generation_arguments::<Postgres>(batch)?;
+                let ids: Vec<(String,)> = sqlx::query_as_with(sql, args).fetch_all(&mut *tx).await?;
                 inserted.extend(ids.into_iter().map(|(id,)| id));
             }
             super::usage::add_to_rollups(&mut tx, records, &new_records(records, &inserted)).await?;

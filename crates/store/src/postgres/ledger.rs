@@ -10,32 +10,22 @@
 //! error rather than wrap if a sum ever left the `i64` range.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::LazyLock;
 
-use sqlx::{PgConnection, Postgres, QueryBuilder};
+use sqlx::{PgConnection, Postgres};
 
 use super::PgStore;
 use crate::sql::{
-    add_lease_usage, available, balance_deltas, balance_upserts, count_new, fixed_chunks, new_lines, spend_deltas, spend_query,
-    spend_upserts, LineKey, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    add_lease_usage, available, balance_deltas, balance_upserts, count_new, ledger_arguments, new_lines, spend_deltas, spend_query,
+    spend_upserts, LineKey, MultiRowSql, Placeholders, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
-fn ledger_insert<'e>(entries: impl IntoIterator<Item = &'e LedgerEntry>) -> QueryBuilder<'e, Postgres> {
-    let mut builder = QueryBuilder::<Postgres>::new(format!("INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS}) "));
-    builder.push_values(entries, |mut row, e| {
-        row.push_bind(&e.org_id)
-            .push_bind(e.amount_nanos)
-            .push_bind(&e.currency)
-            .push_bind(&e.kind)
-            .push_bind(&e.reference)
-            .push_bind(&e.key_id)
-            .push_bind(&e.workspace_id)
-            .push_bind(&e.note)
-            .push_bind(e.created_at_ms);
-    });
-    builder.push(" ON CONFLICT (org_id, kind, reference) DO NOTHING");
-    builder
-}
+static INSERT: LazyLock<MultiRowSql> = LazyLock::new(|| {
+    let head = format!("INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})");
+    let tail = "ON CONFLICT (org_id, kind, reference) DO NOTHING RETURNING org_id, kind, reference";
+    MultiRowSql::new(&head, 9, tail, Placeholders::Numbered)
+});
 
 /// `(balance, reserved)` of the org at `now_ms`: the sum of its lines (kept in `org_balances`),
 /// and the unused part of its live leases.
@@ -52,25 +42,15 @@ async fn balance_and_reserved(conn: &mut PgConnection, org_id: &str, now_ms: i64
     .await?)
 }
 
-/// Inserts `entries` (a line that exists already is skipped) and returns the keys of those
-/// inserted.
-async fn insert_returning_keys<'e>(
-    tx: &mut PgConnection,
-    entries: impl IntoIterator<Item = &'e LedgerEntry>,
-) -> Result<Vec<LineKey>, StoreError> {
-    let mut builder = ledger_insert(entries);
-    builder.push(" RETURNING org_id, kind, reference");
-    Ok(builder.build_query_as().fetch_all(tx).await?)
-}
-
 impl PgStore {
     /// Inserts `entries` (a line that exists already is skipped), adds the new lines to this
     /// instance's rows of `org_balances` and `spend_buckets`, in key order, and says which lines
     /// are new ([`new_lines`]).
     async fn insert_lines(&self, tx: &mut PgConnection, entries: &[&LedgerEntry]) -> Result<Vec<bool>, StoreError> {
         let mut inserted = HashSet::new();
-        for chunk in fixed_chunks(entries) {
-            inserted.extend(insert_returning_keys(&mut *tx, chunk.iter().copied()).await?);
+        for (sql, chunk) in INSERT.pieces(entries) {
+            let keys: Vec<LineKey> = sqlx::query_as_with(sql, ledger_arguments::<Postgres>(chunk)?).fetch_all(&mut *tx).await?;
+            inserted.extend(keys);
         }
         let new = new_lines(entries, &inserted);
         for mut upsert in balance_upserts::<Postgres>(&balance_deltas(entries, &new), self.balance_shard) {

@@ -1,12 +1,18 @@
 //! SQLite: the request log (and its rollups, in the same transaction) and saved fallback chains.
 
-use sqlx::{QueryBuilder, Sqlite};
+use std::sync::LazyLock;
+
+use sqlx::Sqlite;
 
 use super::SqliteStore;
-use crate::sql::{fixed_chunks, push_generation_values, GENERATION_COLUMNS};
+use crate::sql::{generation_arguments, MultiRowSql, Placeholders, GENERATION_COLUMNS};
 use crate::usage::new_records;
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
+static INSERT: LazyLock<MultiRowSql> = LazyLock::new(|| {
+    let head = format!("INSERT INTO generations ({GENERATION_COLUMNS})");
+    MultiRowSql::new(&head, 31, "ON CONFLICT (id) DO NOTHING", Placeholders::Question)
+});
 
 impl GenerationRepo for SqliteStore {
     fn insert_generations<'a>(&'a self, records: &'a [GenerationRecord]) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -24,12 +30,9 @@ impl GenerationRepo for SqliteStore {
             let (last_rowid_before,): (i64,) =
                 sqlx::query_as("SELECT COALESCE(MAX(rowid), 0) FROM generations").fetch_one(&mut *tx).await?;
             let mut added = 0;
-            for batch in fixed_chunks(records) {
-                let mut builder =
-                    QueryBuilder::<Sqlite>::new(format!("INSERT INTO generations ({GENERATION_COLUMNS}) "));
-                push_generation_values(&mut builder, batch);
-                builder.push(" ON CONFLICT (id) DO NOTHING");
-                added += builder.build().execute(&mut *tx).await?.rows_affected();
+            for (sql, batch) in INSERT.pieces(records) {
+                let args = generation_arguments::<Sqlite>(batch)?;
+                added += sqlx::query_with(sql, args).execute(&mut *tx).await?.rows_affected();
             }
             let new = if added == records.len() as u64 {
                 vec![true; records.len()]

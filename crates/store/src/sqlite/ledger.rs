@@ -5,32 +5,21 @@
 //! every other writer, in this process or another one using the same file.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::{Sqlite, SqliteConnection};
 
 use super::SqliteStore;
 use crate::sql::{
-    add_lease_usage, available, balance_deltas, balance_upserts, count_new, fixed_chunks, new_lines, spend_deltas, spend_query,
-    spend_upserts, LineKey, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    add_lease_usage, available, balance_deltas, balance_upserts, count_new, ledger_arguments, new_lines, spend_deltas, spend_query,
+    spend_upserts, LineKey, MultiRowSql, Placeholders, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
-fn ledger_insert<'e>(entries: impl IntoIterator<Item = &'e LedgerEntry>) -> QueryBuilder<'e, Sqlite> {
-    let mut builder = QueryBuilder::<Sqlite>::new(format!("INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS}) "));
-    builder.push_values(entries, |mut row, e| {
-        row.push_bind(&e.org_id)
-            .push_bind(e.amount_nanos)
-            .push_bind(&e.currency)
-            .push_bind(&e.kind)
-            .push_bind(&e.reference)
-            .push_bind(&e.key_id)
-            .push_bind(&e.workspace_id)
-            .push_bind(&e.note)
-            .push_bind(e.created_at_ms);
-    });
-    builder.push(" ON CONFLICT (org_id, kind, reference) DO NOTHING");
-    builder
-}
+static INSERT: LazyLock<MultiRowSql> = LazyLock::new(|| {
+    let head = format!("INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})");
+    MultiRowSql::new(&head, 9, "ON CONFLICT (org_id, kind, reference) DO NOTHING", Placeholders::Question)
+});
 
 /// `(balance, reserved)` of the org at `now_ms`: the sum of its lines (kept in `org_balances`),
 /// and the unused part of its live leases.
@@ -63,8 +52,8 @@ async fn balance_and_reserved(
 async fn insert_lines(conn: &mut SqliteConnection, entries: &[&LedgerEntry]) -> Result<Vec<bool>, StoreError> {
     let (last_id_before,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(id), 0) FROM ledger_entries").fetch_one(&mut *conn).await?;
     let mut inserted = 0;
-    for chunk in fixed_chunks(entries) {
-        inserted += ledger_insert(chunk.iter().copied()).build().execute(&mut *conn).await?.rows_affected();
+    for (sql, chunk) in INSERT.pieces(entries) {
+        inserted += sqlx::query_with(sql, ledger_arguments::<Sqlite>(chunk)?).execute(&mut *conn).await?.rows_affected();
     }
     let new = if inserted == entries.len() as u64 {
         vec![true; entries.len()]
