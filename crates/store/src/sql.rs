@@ -433,8 +433,8 @@ mod tests {
         assert_eq!(pieces[1].0, "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING");
         assert_eq!(pieces[0].0.matches('?').count(), 8);
         let postgres = MultiRowSql::new("INSERT INTO t (a, b)", 2, "RETURNING a", Placeholders::Numbered);
-        let (text, _) = postgres.pieces(&items[..4]).next().unwrap();
-        assert_eq!(text, "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6), ($7, $8) RETURNING a");
+        let texts: Vec<&str> = postgres.pieces(&items[..4]).map(|(text, _)| text).collect();
+        assert_eq!(texts, ["INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6), ($7, $8) RETURNING a"]);
         // Every piece of a large batch has a text whose placeholders match its binds.
         let items: Vec<u8> = vec![0; 600];
         for (text, piece) in postgres.pieces(&items) {
