@@ -10,6 +10,7 @@
 //! `nom` a character at a time, which was a twentieth of Marga's CPU on a streamed answer, and
 //! it panicked on a byte-order mark split from its first byte.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// The longest event (or line) the decoder holds before giving up on a stream: far more than
@@ -19,8 +20,9 @@ pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 /// One dispatched event.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// The event's type: its `event` field, else `message`.
-    pub event: String,
+    /// The event's type: its `event` field, else `message` (borrowed: no allocation for the
+    /// unnamed events that OpenAI-style streams are made of).
+    pub event: Cow<'static, str>,
     /// Its `data` lines joined with LF.
     pub data: String,
     /// The last event id seen on the stream (`id` fields persist across events).
@@ -161,7 +163,7 @@ impl Decoder {
             return;
         }
         out.extend(Some(Event {
-            event: if event.is_empty() { "message".to_owned() } else { event },
+            event: if event.is_empty() { Cow::Borrowed("message") } else { Cow::Owned(event) },
             data: std::mem::take(&mut self.data),
             id: self.id.clone(),
             retry,

@@ -15,7 +15,7 @@ fn reference(parts: &[Vec<u8>]) -> Vec<Event> {
     events
         .into_iter()
         .map(|e| e.unwrap())
-        .map(|e| Event { event: e.event, data: e.data, id: e.id, retry: e.retry })
+        .map(|e| Event { event: e.event.into(), data: e.data, id: e.id, retry: e.retry })
         .collect()
 }
 

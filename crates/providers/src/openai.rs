@@ -13,7 +13,7 @@ use marga_protocol::openai::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::http::{self, Outgoing, Reply, Step};
+use crate::http::{self, Outgoing, Reply};
 use ::http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION};
 use ::http::{Method, Uri};
 use crate::{
@@ -123,17 +123,27 @@ impl OpenAiProvider {
     }
 }
 
+/// What one OpenAI SSE event gives: at most one chunk (so no `Vec` per event).
+enum Decoded<T> {
+    Chunk(T),
+    /// An event with no data.
+    Skip,
+    /// `[DONE]`.
+    Done,
+    Fail(ProviderError),
+}
+
 /// Decodes one OpenAI SSE event into a chunk with `parse`.
-fn decode_event<T>(event: Event, parse: fn(String) -> Result<T, serde_json::Error>) -> Step<T> {
+fn decode_event<T>(event: Event, parse: fn(String) -> Result<T, serde_json::Error>) -> Decoded<T> {
     let data = event.data.trim();
     if data == "[DONE]" {
-        return Step::Done;
+        return Decoded::Done;
     }
     if data.is_empty() {
-        return Step::Items(Vec::new());
+        return Decoded::Skip;
     }
     if data.starts_with("{\"error\"") || event.event == "error" {
-        return Step::Fail(http::in_band_error(data));
+        return Decoded::Fail(http::in_band_error(data));
     }
     // One parse per event. Only an event that mentions `"error"` (as a key, or as a string
     // value) is first looked at as a JSON value.
@@ -141,11 +151,11 @@ fn decode_event<T>(event: Event, parse: fn(String) -> Result<T, serde_json::Erro
     if text.contains("\"error\"") {
         if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
             if value.get("error").is_some_and(|e| !e.is_null()) {
-                return Step::Fail(http::in_band_error(&text));
+                return Decoded::Fail(http::in_band_error(&text));
             }
         }
     }
-    parse(text).map_or_else(|e| Step::Fail(ProviderError::malformed(PROTOCOL, e)), |c| Step::Items(vec![c]))
+    parse(text).map_or_else(|e| Decoded::Fail(ProviderError::malformed(PROTOCOL, e)), Decoded::Chunk)
 }
 
 /// The decoded items of an OpenAI stream. It ends at `[DONE]`, after the first error, or when
@@ -161,28 +171,26 @@ fn decode_stream<T: Send + 'static>(
     futures::stream::unfold(Some((events, false)), move |state| async move {
         let (mut events, mut seen_finish) = state?;
         loop {
-            let step = match events.next().await {
+            let decoded = match events.next().await {
                 Some(Ok(event)) => decode_event(event, parse),
-                Some(Err(e)) => Step::Fail(e),
-                None if seen_finish => Step::Done,
-                None => Step::Fail(ProviderError::new(
+                Some(Err(e)) => Decoded::Fail(e),
+                None if seen_finish => Decoded::Done,
+                None => Decoded::Fail(ProviderError::new(
                     ErrorKind::StreamInterrupted,
                     "the upstream closed the stream before it finished",
                 )),
             };
-            match step {
-                Step::Items(items) if items.is_empty() => continue,
-                Step::Items(items) => {
-                    seen_finish |= items.iter().any(finished);
-                    let items: Vec<_> = items.into_iter().map(Ok).collect();
-                    return Some((items, Some((events, seen_finish))));
+            match decoded {
+                Decoded::Skip => continue,
+                Decoded::Chunk(chunk) => {
+                    seen_finish |= finished(&chunk);
+                    return Some((Ok(chunk), Some((events, seen_finish))));
                 }
-                Step::Done => return None,
-                Step::Fail(e) => return Some((vec![Err(e)], None)),
+                Decoded::Done => return None,
+                Decoded::Fail(e) => return Some((Err(e), None)),
             }
         }
     })
-    .flat_map(futures::stream::iter)
 }
 
 fn chat_chunk_finished(chunk: &ChatChunk) -> bool {

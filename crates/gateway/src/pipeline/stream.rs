@@ -236,7 +236,9 @@ pub fn relay<C: StreamChunk>(params: RelayParams<C>) -> impl Stream<Item = Resul
     for chunk in params.opened.head {
         relay.accept(chunk);
     }
-    futures::stream::unfold(relay, |mut relay| async move {
+    // Boxed: `unfold` moves its state into each event's future and back out, so a bare
+    // `Relay` (the request's whole context) was copied twice per event.
+    futures::stream::unfold(Box::new(relay), |mut relay| async move {
         let frame = relay.next_frame().await?;
         Some((Ok(relay.with_ready_frames(frame)), relay))
     })
