@@ -181,14 +181,17 @@ struct Window {
 }
 
 impl Window {
+    /// Moves the windows forward to those of `now`, never back: a request stamped before the
+    /// current window began (its thread read the clock before another thread counted) counts in
+    /// the current one rather than resetting it.
     fn roll(&mut self, now: i64, day_start: i64) {
         let minute = minute_start(now);
-        if minute != self.minute_start {
+        if minute > self.minute_start {
             self.previous = if minute - self.minute_start == MINUTE_MS { self.current } else { 0 };
             self.current = 0;
             self.minute_start = minute;
         }
-        if day_start != self.day_start {
+        if day_start > self.day_start {
             self.day_start = day_start;
             self.today = 0;
         }
@@ -202,6 +205,7 @@ impl Window {
 
     fn admit(&mut self, limits: Limits, day_start: i64, now: i64) -> Result<Quota, Refusal> {
         self.roll(now, day_start);
+        let (now, day_start) = (now.max(self.minute_start), self.day_start);
         let minute_reset = self.minute_start + MINUTE_MS;
         if let Some(limit) = limits.rpm {
             if self.last_minute(now) >= limit {

@@ -49,8 +49,11 @@ struct Allowance {
 }
 
 impl Allowance {
+    /// Moves to the window that begins at `start` if it is a later one; a request stamped
+    /// before the current window began counts in the current one (rolling back would throw
+    /// away what this instance holds of the current window).
     fn roll(&mut self, start: i64) {
-        if self.start != start {
+        if start > self.start {
             *self = Allowance { start, ..Allowance::default() };
         }
     }
@@ -116,11 +119,14 @@ fn take(a: &mut Allowances, limits: Limits, at: &At) -> Result<Quota, Missing> {
     }
     a.touched_ms = at.now;
     Ok(match (limits.rpm, limits.daily) {
-        (Some(limit), _) => Quota { limit, remaining: a.minute.remaining(limit), reset_s: (minute + MINUTE_MS) / 1000 },
-        (None, Some(limit)) => Quota { limit, remaining: a.day.remaining(limit), reset_s: (at.day_start + DAY_MS) / 1000 },
+        (Some(limit), _) => Quota { limit, remaining: a.minute.remaining(limit), reset_s: (a.minute.start + MINUTE_MS) / 1000 },
+        (None, Some(limit)) => Quota { limit, remaining: a.day.remaining(limit), reset_s: (a.day.start + DAY_MS) / 1000 },
         (None, None) => Quota::default(),
     })
 }
+
+/// How many times a request claims again because its window ended while it claimed.
+const CLAIM_ROUNDS: usize = 3;
 
 /// Admits one request of `id` against its global counts.
 pub(super) async fn admit(
@@ -135,31 +141,42 @@ pub(super) async fn admit(
     }
     let lock = table.with(id, at.now, |e| Arc::clone(&e.shared.claiming));
     let _claiming = lock.lock().await;
-    // Another request may have claimed while this one waited.
-    let looked = table.with(id, at.now, |e| take(&mut e.shared, limits, at).map_err(|m| (m, e.shared.minute, e.shared.day)));
-    let (missing, minute, day) = match looked {
-        Ok(quota) => return Ok(quota),
-        Err(state) => state,
-    };
-    let minute_grant = match (missing.minute, limits.rpm) {
-        (true, Some(limit)) => Some(claim(repo, &minute_claim(at, limit, &minute)).await?),
-        _ => None,
-    };
-    let day_grant = match (missing.day, limits.daily) {
-        (true, Some(limit)) => Some(claim(repo, &day_claim(at, limit, &day)).await?),
-        _ => None,
-    };
-    let outcome = table.with(id, at.now, |e| {
-        let a = &mut e.shared;
-        if let Some(grant) = minute_grant.filter(|_| a.minute.start == minute_start(at.now)) {
-            a.minute.add(grant);
+    for _ in 0..CLAIM_ROUNDS {
+        // Another request may have claimed while this one waited.
+        let looked = table.with(id, at.now, |e| take(&mut e.shared, limits, at).map_err(|m| (m, e.shared.minute, e.shared.day)));
+        let (missing, minute, day) = match looked {
+            Ok(quota) => return Ok(quota),
+            Err(state) => state,
+        };
+        let minute_grant = match (missing.minute, limits.rpm) {
+            (true, Some(limit)) => Some(claim(repo, &minute_claim(at, limit, &minute)).await?),
+            _ => None,
+        };
+        let day_grant = match (missing.day, limits.daily) {
+            (true, Some(limit)) => Some(claim(repo, &day_claim(at, limit, &day)).await?),
+            _ => None,
+        };
+        let outcome = table.with(id, at.now, |e| {
+            let a = &mut e.shared;
+            // A request of a later window (which needs no lock to look) may have moved a window
+            // on during the claim: the grant then belongs to a window that is over.
+            let moved = a.minute.start != minute.start || a.day.start != day.start;
+            if let Some(grant) = minute_grant.filter(|_| a.minute.start == minute.start) {
+                a.minute.add(grant);
+            }
+            if let Some(grant) = day_grant.filter(|_| a.day.start == day.start) {
+                a.day.add(grant);
+            }
+            take(a, limits, at).map_err(|still| (still, moved))
+        });
+        match outcome {
+            Ok(quota) => return Ok(quota),
+            // Claimed for a window that ended meanwhile: claim again, in the current one.
+            Err((_, true)) => continue,
+            Err((still, false)) => return Err(refusal(still, limits, at.now, &minute, &day)),
         }
-        if let Some(grant) = day_grant.filter(|_| a.day.start == at.day_start) {
-            a.day.add(grant);
-        }
-        take(a, limits, at)
-    });
-    outcome.map_err(|still| refusal(still, limits, at))
+    }
+    Err(Refusal::Unavailable)
 }
 
 async fn claim(repo: &dyn RateRepo, claim: &RateClaim) -> Result<RateGrant, Refusal> {
@@ -176,9 +193,10 @@ async fn claim(repo: &dyn RateRepo, claim: &RateClaim) -> Result<RateGrant, Refu
     }
 }
 
+/// A claim in the minute `held` is in (the request's own, or a later one it counts in).
 fn minute_claim(at: &At, limit: u32, held: &Allowance) -> RateClaim {
-    let start = minute_start(at.now);
-    let elapsed = at.now - start;
+    let start = held.start;
+    let elapsed = (at.now - start).clamp(0, MINUTE_MS);
     RateClaim {
         scope: format!("{}:m", at.scope),
         window_start_ms: start,
@@ -189,10 +207,11 @@ fn minute_claim(at: &At, limit: u32, held: &Allowance) -> RateClaim {
     }
 }
 
+/// A claim in the day `held` is in.
 fn day_claim(at: &At, limit: u32, held: &Allowance) -> RateClaim {
     RateClaim {
         scope: format!("{}:d", at.scope),
-        window_start_ms: at.day_start,
+        window_start_ms: held.start,
         previous_start_ms: None,
         carry_ppm: 0,
         limit: i64::from(limit),
@@ -200,12 +219,12 @@ fn day_claim(at: &At, limit: u32, held: &Allowance) -> RateClaim {
     }
 }
 
-fn refusal(missing: Missing, limits: Limits, at: &At) -> Refusal {
+/// The refusal for what is `missing` of the windows `minute` and `day` (those the request
+/// counted in).
+fn refusal(missing: Missing, limits: Limits, now: i64, minute: &Allowance, day: &Allowance) -> Refusal {
     match (missing.minute, limits.rpm, limits.daily) {
-        (true, Some(limit), _) => {
-            Refusal::PerMinute { limit, retry_after_s: seconds_until(at.now, minute_start(at.now) + MINUTE_MS) }
-        }
-        (_, _, Some(limit)) => Refusal::PerDay { limit, retry_after_s: seconds_until(at.now, at.day_start + DAY_MS) },
+        (true, Some(limit), _) => Refusal::PerMinute { limit, retry_after_s: seconds_until(now, minute.start + MINUTE_MS) },
+        (_, _, Some(limit)) => Refusal::PerDay { limit, retry_after_s: seconds_until(now, day.start + DAY_MS) },
         _ => Refusal::Unavailable,
     }
 }

@@ -169,3 +169,39 @@ async fn the_master_key_and_keys_without_limits_are_never_counted() {
     assert_eq!(limiter.admit(&master, None, &NONE, T0).await, Ok(Quota::default()));
     assert_eq!(limiter.admit(&principal(None, None), None, &NONE, T0).await, Ok(Quota::default()));
 }
+
+/// A request stamped just before a minute ends, whose claim is still in flight when a request of
+/// the next minute arrives, is admitted (its grant is not thrown away with the old window), and
+/// neither request resets what the other counted.
+#[tokio::test]
+async fn a_claim_in_flight_across_a_minute_boundary_is_not_lost() {
+    let (_dir, store) = shared_store().await;
+    let limiter = Limiter::shared(store);
+    let p = principal(Some(100_000), None);
+    let boundary = T0 + MINUTE_MS;
+    let late = limiter.admit(&p, None, &NONE, boundary - 1);
+    let next = limiter.admit(&p, None, &NONE, boundary + 1);
+    futures::pin_mut!(late, next);
+    // The first request claims allowance (a database round trip); the second, of the next
+    // minute, finds none in its window and waits for the claim lock meanwhile.
+    assert!(futures::poll!(late.as_mut()).is_pending());
+    assert!(futures::poll!(next.as_mut()).is_pending());
+    assert!(late.await.is_ok(), "the request whose claim was in flight");
+    assert!(next.await.is_ok(), "the next minute's request");
+    // Late stamps of either minute still find allowance.
+    assert!(limiter.admit(&p, None, &NONE, boundary - 2).await.is_ok());
+    assert!(limiter.admit(&p, None, &NONE, boundary + 2).await.is_ok());
+}
+
+/// In local mode, a request stamped before a window began (threads read the clock before they
+/// count) counts in the current window; it neither resets the counts nor escapes them.
+#[tokio::test]
+async fn a_late_stamp_does_not_roll_a_local_window_back() {
+    let limiter = Limiter::local();
+    let p = principal(Some(3), None);
+    let boundary = T0 + MINUTE_MS;
+    assert!(limiter.admit(&p, None, &NONE, boundary + 1).await.is_ok());
+    assert!(limiter.admit(&p, None, &NONE, boundary - 1).await.is_ok(), "a late stamp counts in the new minute");
+    assert!(limiter.admit(&p, None, &NONE, boundary + 2).await.is_ok());
+    assert!(limiter.admit(&p, None, &NONE, boundary + 3).await.is_err(), "three in the new minute: the late one counted");
+}
