@@ -1,5 +1,6 @@
 //! What the SQLite and Postgres implementations share: column lists (identical in both
-//! schemas), the request-log insert's values, and the dialect-free parts of the ledger logic.
+//! schemas), the writers' multi-row statements ([`MultiRowSql`]) and binds, and the
+//! dialect-free parts of the ledger logic.
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::Hash;
@@ -140,54 +141,32 @@ fn sized_chunks<T>(items: &[T]) -> impl Iterator<Item = (usize, &[T])> {
     })
 }
 
-/// How a dialect writes placeholders: SQLite `?`, Postgres `$1`, `$2`, ….
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Placeholders {
-    Question,
-    Numbered,
-}
-
-/// The text of one multi-row statement for each size of [`STATEMENT_ROWS`], written once (the
-/// writers keep them in statics): `{head} VALUES (…), (…) {tail}`. Writing the text placeholder
-/// by placeholder for every batch (sqlx's `QueryBuilder` formats each one) cost the writers
-/// more instructions than binding the values.
+/// The texts of one multi-row insert for each size of [`STATEMENT_ROWS`], written once (the
+/// writers keep them in statics): `INSERT INTO {table} ({columns}) VALUES (?, …), … {tail}`.
+/// Writing the text placeholder by placeholder for every batch (sqlx's `QueryBuilder` formats
+/// each one) cost the writers more instructions than binding the values.
 pub(crate) struct MultiRowSql {
     texts: [String; STATEMENT_ROWS.len()],
 }
 
 impl MultiRowSql {
-    pub(crate) fn new(head: &str, columns: usize, tail: &str, placeholders: Placeholders) -> Self {
-        MultiRowSql { texts: STATEMENT_ROWS.map(|rows| multi_row_sql(head, columns, rows, tail, placeholders)) }
+    /// With SQLite's `?` placeholders, one per column of the comma-separated `columns`.
+    pub(crate) fn insert(table: &str, columns: &str, tail: &str) -> Self {
+        let row = format!("({})", vec!["?"; columns.split(',').count()].join(", "));
+        MultiRowSql {
+            texts: STATEMENT_ROWS.map(|rows| format!("INSERT INTO {table} ({columns}) VALUES {} {tail}", vec![row.as_str(); rows].join(", "))),
+        }
+    }
+
+    /// The same statements with Postgres' numbered placeholders ([`crate::usage::numbered`]).
+    pub(crate) fn numbered(self) -> Self {
+        MultiRowSql { texts: self.texts.map(|text| crate::usage::numbered(&text)) }
     }
 
     /// `items` cut as [`fixed_chunks`] cuts them, each piece with its statement's text.
     pub(crate) fn pieces<'s, 'i, T>(&'s self, items: &'i [T]) -> impl Iterator<Item = (&'s str, &'i [T])> {
         sized_chunks(items).map(|(index, piece)| (self.texts[index].as_str(), piece))
     }
-}
-
-fn multi_row_sql(head: &str, columns: usize, rows: usize, tail: &str, placeholders: Placeholders) -> String {
-    use std::fmt::Write;
-    let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns * 6 + 16);
-    sql.push_str(head);
-    sql.push_str(" VALUES ");
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for column in 0..columns {
-            if column > 0 {
-                sql.push_str(", ");
-            }
-            match placeholders {
-                Placeholders::Question => sql.push('?'),
-                // Writing to a String cannot fail.
-                Placeholders::Numbered => drop(write!(sql, "${}", row * columns + column + 1)),
-            }
-        }
-        sql.push(')');
-    }
-    sql.push(' ');
-    sql.push_str(tail);
-    sql
 }
 
 /// Milliseconds since the Unix epoch, by the system clock (the gateway's clock too).
@@ -426,13 +405,13 @@ mod tests {
 
     #[test]
     fn multi_row_texts_match_their_pieces_in_both_dialects() {
-        let sqlite = MultiRowSql::new("INSERT INTO t (a, b)", 2, "ON CONFLICT DO NOTHING", Placeholders::Question);
+        let sqlite = MultiRowSql::insert("t", "a, b", "ON CONFLICT DO NOTHING");
         let items: Vec<u8> = vec![0; 5];
         let pieces: Vec<(&str, &[u8])> = sqlite.pieces(&items).collect();
         assert_eq!(pieces.iter().map(|(_, p)| p.len()).collect::<Vec<_>>(), [4, 1]);
         assert_eq!(pieces[1].0, "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING");
         assert_eq!(pieces[0].0.matches('?').count(), 8);
-        let postgres = MultiRowSql::new("INSERT INTO t (a, b)", 2, "RETURNING a", Placeholders::Numbered);
+        let postgres = MultiRowSql::insert("t", "a, b", "RETURNING a").numbered();
         let texts: Vec<&str> = postgres.pieces(&items[..4]).map(|(text, _)| text).collect();
         assert_eq!(texts, ["INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6), ($7, $8) RETURNING a"]);
         // Every piece of a large batch has a text whose placeholders match its binds.

@@ -20,7 +20,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
-use crate::sql::first_inserted;
+use crate::sql::{first_inserted, MultiRowSql};
 use crate::{BoxFuture, GenerationRecord, StoreError};
 
 const DAY_MS: i64 = 86_400_000;
@@ -340,26 +340,20 @@ fn add_record(row: &mut UsageRow, r: &GenerationRecord) {
     row.cost_nanos = row.cost_nanos.saturating_add(r.cost_nanos);
 }
 
-/// The upsert that adds usage deltas (`?` placeholders for `rows` rows of 15 values).
-pub(crate) fn usage_upsert_sql(rows: usize) -> String {
-    let one = format!("({})", ["?"; 15].join(", "));
-    let values = vec![one; rows].join(", ");
-    let add = |c: &str| format!("{c} = usage_daily.{c} + excluded.{c}");
+/// The upserts that add usage deltas (`?` placeholders, 15 values a row), one per piece size.
+pub(crate) fn usage_upsert() -> MultiRowSql {
     let sets: Vec<String> = [
         "requests", "errors", "cancelled", "byok_requests", "prompt_tokens", "completion_tokens",
         "reasoning_tokens", "cached_tokens", "byok_tokens", "cost_nanos",
     ]
     .iter()
-    .map(|c| add(c))
+    .map(|c| format!("{c} = usage_daily.{c} + excluded.{c}"))
     .collect();
-    format!(
-        "INSERT INTO usage_daily ({USAGE_COLUMNS}) VALUES {values} \
-         ON CONFLICT (org_id, day, key_id, model, provider) DO UPDATE SET {}",
-        sets.join(", ")
-    )
+    let tail = format!("ON CONFLICT (org_id, day, key_id, model, provider) DO UPDATE SET {}", sets.join(", "));
+    MultiRowSql::insert("usage_daily", USAGE_COLUMNS, &tail)
 }
 
-/// The binds of [`usage_upsert_sql`], row by row.
+/// The binds of [`usage_upsert`], row by row.
 pub(crate) fn usage_upsert_binds(rows: &[UsageRow]) -> Vec<Bind> {
     let mut binds = Vec::with_capacity(rows.len() * 15);
     for r in rows {
@@ -381,17 +375,11 @@ pub(crate) fn usage_upsert_binds(rows: &[UsageRow]) -> Vec<Bind> {
     binds
 }
 
-/// The upsert that adds route deltas (`rows` rows of 12 values).
-pub(crate) fn routes_upsert_sql(rows: usize) -> String {
-    let one = format!("({})", ["?"; 12].join(", "));
-    let values = vec![one; rows].join(", ");
+/// The upserts that add route deltas (12 values a row), one per piece size.
+pub(crate) fn routes_upsert() -> MultiRowSql {
     let sets: Vec<String> = ROUTE_COUNTS.iter().map(|c| format!("{c} = route_daily.{c} + excluded.{c}")).collect();
-    format!(
-        "INSERT INTO route_daily (model, provider, day, {}) VALUES {values} \
-         ON CONFLICT (model, provider, day) DO UPDATE SET {}",
-        ROUTE_COUNTS.join(", "),
-        sets.join(", ")
-    )
+    let tail = format!("ON CONFLICT (model, provider, day) DO UPDATE SET {}", sets.join(", "));
+    MultiRowSql::insert("route_daily", &format!("model, provider, day, {}", ROUTE_COUNTS.join(", ")), &tail)
 }
 
 pub(crate) fn routes_upsert_binds(rows: &[RouteDelta]) -> Vec<Bind> {

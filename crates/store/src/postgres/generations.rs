@@ -6,13 +6,12 @@ use std::sync::LazyLock;
 use sqlx::Postgres;
 
 use super::PgStore;
-use crate::sql::{generation_arguments, MultiRowSql, Placeholders, GENERATION_COLUMNS};
+use crate::sql::{generation_arguments, MultiRowSql, GENERATION_COLUMNS};
 use crate::usage::new_records;
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
 static INSERT: LazyLock<MultiRowSql> = LazyLock::new(|| {
-    let head = format!("INSERT INTO generations ({GENERATION_COLUMNS})");
-    MultiRowSql::new(&head, 31, "ON CONFLICT (id) DO NOTHING RETURNING id", Placeholders::Numbered)
+    MultiRowSql::insert("generations", GENERATION_COLUMNS, "ON CONFLICT (id) DO NOTHING RETURNING id").numbered()
 });
 
 impl GenerationRepo for PgStore {

@@ -17,14 +17,13 @@ use sqlx::{PgConnection, Postgres};
 use super::PgStore;
 use crate::sql::{
     add_lease_usage, available, balance_deltas, balance_upserts, count_new, ledger_arguments, new_lines, spend_deltas, spend_query,
-    spend_upserts, LineKey, MultiRowSql, Placeholders, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    spend_upserts, LineKey, MultiRowSql, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
 static INSERT: LazyLock<MultiRowSql> = LazyLock::new(|| {
-    let head = format!("INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})");
     let tail = "ON CONFLICT (org_id, kind, reference) DO NOTHING RETURNING org_id, kind, reference";
-    MultiRowSql::new(&head, 9, tail, Placeholders::Numbered)
+    MultiRowSql::insert("ledger_entries", LEDGER_INSERT_COLUMNS, tail).numbered()
 });
 
 /// `(balance, reserved)` of the org at `now_ms`: the sum of its lines (kept in `org_balances`),

@@ -1,13 +1,15 @@
 //! Postgres: usage analytics queries and the rollup upserts (SQL shared in `crate::usage`).
 
+use std::sync::LazyLock;
+
 use sqlx::postgres::PgArguments;
 use sqlx::{Postgres, Transaction};
 
 use super::PgStore;
-use crate::sql::GENERATION_COLUMNS;
+use crate::sql::{MultiRowSql, GENERATION_COLUMNS};
 use crate::usage::{
-    events_sql, numbered, rollup_deltas, routes_upsert_binds, routes_upsert_sql, usage_rows_sql,
-    usage_upsert_binds, usage_upsert_sql, Bind, EventsPage, ModelTokens, RouteStats, UsageQuery, UsageRepo, UsageRow,
+    events_sql, numbered, rollup_deltas, routes_upsert, routes_upsert_binds, usage_rows_sql,
+    usage_upsert, usage_upsert_binds, Bind, EventsPage, ModelTokens, RouteStats, UsageQuery, UsageRepo, UsageRow,
     EVENT_CURSOR_SQL, MODEL_TOKENS_SQL, ROUTE_LATENCIES_SQL, ROUTE_STATS_SQL,
 };
 use crate::{BoxFuture, GenerationRecord, StoreError};
@@ -31,14 +33,14 @@ pub(super) async fn add_to_rollups(
     records: &[GenerationRecord],
     new: &[bool],
 ) -> Result<(), StoreError> {
+    static USAGE_UPSERT: LazyLock<MultiRowSql> = LazyLock::new(|| usage_upsert().numbered());
+    static ROUTES_UPSERT: LazyLock<MultiRowSql> = LazyLock::new(|| routes_upsert().numbered());
     let deltas = rollup_deltas(records, new);
-    for rows in crate::sql::fixed_chunks(&deltas.usage) {
-        let sql = numbered(&usage_upsert_sql(rows.len()));
-        sqlx::query_with(&sql, arguments(usage_upsert_binds(rows))).execute(&mut **tx).await?;
+    for (sql, rows) in USAGE_UPSERT.pieces(&deltas.usage) {
+        sqlx::query_with(sql, arguments(usage_upsert_binds(rows))).execute(&mut **tx).await?;
     }
-    for rows in crate::sql::fixed_chunks(&deltas.routes) {
-        let sql = numbered(&routes_upsert_sql(rows.len()));
-        sqlx::query_with(&sql, arguments(routes_upsert_binds(rows))).execute(&mut **tx).await?;
+    for (sql, rows) in ROUTES_UPSERT.pieces(&deltas.routes) {
+        sqlx::query_with(sql, arguments(routes_upsert_binds(rows))).execute(&mut **tx).await?;
     }
     Ok(())
 }

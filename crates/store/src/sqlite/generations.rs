@@ -5,14 +5,12 @@ use std::sync::LazyLock;
 use sqlx::Sqlite;
 
 use super::SqliteStore;
-use crate::sql::{generation_arguments, MultiRowSql, Placeholders, GENERATION_COLUMNS};
+use crate::sql::{generation_arguments, MultiRowSql, GENERATION_COLUMNS};
 use crate::usage::new_records;
 use crate::{BoxFuture, ChainRecord, ChainRepo, GenerationRecord, GenerationRepo, StoreError};
 
-static INSERT: LazyLock<MultiRowSql> = LazyLock::new(|| {
-    let head = format!("INSERT INTO generations ({GENERATION_COLUMNS})");
-    MultiRowSql::new(&head, 31, "ON CONFLICT (id) DO NOTHING", Placeholders::Question)
-});
+static INSERT: LazyLock<MultiRowSql> =
+    LazyLock::new(|| MultiRowSql::insert("generations", GENERATION_COLUMNS, "ON CONFLICT (id) DO NOTHING"));
 
 impl GenerationRepo for SqliteStore {
     fn insert_generations<'a>(&'a self, records: &'a [GenerationRecord]) -> BoxFuture<'a, Result<(), StoreError>> {

@@ -12,13 +12,12 @@ use sqlx::{Sqlite, SqliteConnection};
 use super::SqliteStore;
 use crate::sql::{
     add_lease_usage, available, balance_deltas, balance_upserts, count_new, ledger_arguments, new_lines, spend_deltas, spend_query,
-    spend_upserts, LineKey, MultiRowSql, Placeholders, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
+    spend_upserts, LineKey, MultiRowSql, SpendScope, LEASE_COLUMNS, LEDGER_COLUMNS, LEDGER_INSERT_COLUMNS,
 };
 use crate::{BoxFuture, Charge, LeaseRecord, LedgerEntry, LedgerRepo, StoreError};
 
 static INSERT: LazyLock<MultiRowSql> = LazyLock::new(|| {
-    let head = format!("INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})");
-    MultiRowSql::new(&head, 9, "ON CONFLICT (org_id, kind, reference) DO NOTHING", Placeholders::Question)
+    MultiRowSql::insert("ledger_entries", LEDGER_INSERT_COLUMNS, "ON CONFLICT (org_id, kind, reference) DO NOTHING")
 });
 
 /// `(balance, reserved)` of the org at `now_ms`: the sum of its lines (kept in `org_balances`),
