@@ -117,6 +117,10 @@ pub trait AccountRepo: Send + Sync {
     fn create_org<'a>(&'a self, org: &'a OrgRecord) -> BoxFuture<'a, Result<(), StoreError>>;
     fn get_org<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<OrgRecord>, StoreError>>;
     fn list_orgs(&self) -> BoxFuture<'_, Result<Vec<OrgRecord>, StoreError>>;
+    /// A number that moves on with every change to orgs, keys, workspaces, members,
+    /// guardrails and guardrail assignments, made by any instance (or by hand in SQL), and is
+    /// visible exactly when the change is: what has not moved has not changed.
+    fn accounts_version(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
 
     fn create_key<'a>(&'a self, key: &'a KeyRecord) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Replaces every field of the key with `id` (and `org_id`); false when there is none.

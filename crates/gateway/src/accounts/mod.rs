@@ -1,10 +1,13 @@
 //! Who is calling: organisations and API keys, cached in memory so that authenticating a
 //! request is one SHA-256 and one hash-map lookup — no database on the hot path.
 //!
-//! The cache is filled at start and kept fresh by a task that asks the store for keys changed
-//! since its last look, every [`REFRESH_EVERY`]. A key revoked or changed on any instance (they
-//! share the database) takes effect everywhere within that interval; so do member roles and
-//! guardrail assignments, which each refresh reloads whole (at most 50 members per org).
+//! The cache is filled at start and kept fresh by a task that looks at the store's accounts
+//! version every [`REFRESH_EVERY`]; when it moved (any write to orgs, keys, workspaces,
+//! members or guardrails, by any instance, moves it), the task reads every org, the keys
+//! changed since its last look, and reloads workspaces, member roles and guardrail assignments
+//! whole (at most 50 members per org). A key revoked or changed on any instance (they share
+//! the database) thus takes effect everywhere within that interval, and a gateway whose
+//! accounts do not change reads one row per interval.
 
 mod model;
 pub mod roles;
@@ -79,6 +82,9 @@ struct Cache {
     /// Which load the replaced-whole parts (guardrails, assignments, roles, workspaces) come
     /// from: a load that started before one already applied is stale and is not applied.
     loaded: u64,
+    /// The store's accounts version read before the load applied last: while the store says
+    /// the same, there is nothing new to read.
+    version: Option<i64>,
 }
 
 pub struct Accounts {
@@ -129,10 +135,16 @@ impl Accounts {
         Ok(accounts)
     }
 
-    /// Reads every org and the keys changed since the last refresh (with an overlap, so that
-    /// a change committed late, or in the same millisecond as the last look, is not missed;
-    /// re-reading a version already applied is harmless).
+    /// Unless the store's accounts version is the one already loaded, reads every org and
+    /// the keys changed since the last refresh (with an overlap, so that a change committed
+    /// late, or in the same millisecond as the last look, is not missed; re-reading a version
+    /// already applied is harmless). The version is read first, so what is read after it is
+    /// at least that new.
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        let version = self.repo.accounts_version().await?;
+        if self.read().version == Some(version) {
+            return Ok(());
+        }
         let cursor = self.read().cursor.saturating_sub(CURSOR_OVERLAP_MS);
         let orgs = self.repo.list_orgs().await?;
         let changed = self.repo.keys_changed_since(cursor).await?;
@@ -144,6 +156,7 @@ impl Accounts {
         // Replaced whole, unless a load that started later (after a local write) is applied.
         if load > cache.loaded {
             cache.loaded = load;
+            cache.version = Some(version);
             cache.roles = roles;
             cache.member_guardrails = member_guardrails;
             cache.guardrails = guardrails;
@@ -374,3 +387,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     }
     headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim).filter(|t| !t.is_empty())
 }
+
+#[cfg(test)]
+mod tests;

@@ -33,6 +33,14 @@ impl AccountRepo for PgStore {
         })
     }
 
+    fn accounts_version(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let (version,): (i64,) =
+                sqlx::query_as("SELECT version FROM accounts_version WHERE id = 1").fetch_one(&self.pool).await?;
+            Ok(version)
+        })
+    }
+
     fn create_key<'a>(&'a self, key: &'a KeyRecord) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let sql = format!(

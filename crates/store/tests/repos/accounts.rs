@@ -1,10 +1,10 @@
 //! Orgs, keys and workspaces: creation, listing order, updates, change feeds and isolation
 //! between organisations.
 
-use marga_store::{KeyRecord, OrgRecord, WorkspaceRecord};
+use marga_store::{GuardrailRecord, KeyRecord, MemberChange, MemberRecord, OrgRecord, WorkspaceRecord};
 
 use crate::backend::Ctx;
-use crate::fixtures::{key, org};
+use crate::fixtures::{charge, generation, key, line, org};
 
 pub(crate) async fn orgs_and_keys(ctx: &Ctx) {
     let repos = &*ctx.repos;
@@ -193,4 +193,62 @@ pub(crate) async fn workspaces_crud_isolation_and_key_detach(ctx: &Ctx) {
         .collect();
     assert_eq!(ids, ["w2"]);
     assert_eq!(repos.list_workspaces("b").await.unwrap().len(), 1);
+}
+
+/// Every write to what the accounts cache holds moves `accounts_version` on, in its own
+/// transaction; ledger lines, charges, generations, reads and refused writes do not.
+pub(crate) async fn account_changes_move_the_version_and_nothing_else_does(ctx: &Ctx) {
+    let repos = &*ctx.repos;
+    let mut seen = repos.accounts_version().await.unwrap();
+    let mut moved = async |what: &str| {
+        let now = repos.accounts_version().await.unwrap();
+        assert!(now > seen, "{what} did not move the accounts version ({seen} → {now})");
+        seen = now;
+    };
+    repos.create_org(&org("a")).await.unwrap();
+    moved("creating an org").await;
+    repos.create_key(&key("k1", "a", 10)).await.unwrap();
+    moved("creating a key").await;
+    assert!(repos.update_key(&KeyRecord { name: "renamed".into(), updated_at_ms: 11, ..key("k1", "a", 10) }).await.unwrap());
+    moved("updating a key").await;
+    let ws = WorkspaceRecord { id: "w1".into(), org_id: "a".into(), name: "R".into(), monthly_budget_nanos: None, created_at_ms: 10 };
+    repos.create_workspace(&ws).await.unwrap();
+    moved("creating a workspace").await;
+    assert!(repos.update_workspace(&WorkspaceRecord { name: "S".into(), ..ws }).await.unwrap());
+    moved("updating a workspace").await;
+    assert!(repos.delete_workspace("a", "w1").await.unwrap());
+    moved("deleting a workspace").await;
+    let member = |user: &str, role: &str| MemberRecord {
+        org_id: "a".into(),
+        user_id: user.into(),
+        email: format!("{user}@example.com"),
+        role: role.into(),
+        created_at_ms: 10,
+    };
+    assert_eq!(repos.add_member(&member("owner", "owner")).await.unwrap(), MemberChange::Done);
+    assert_eq!(repos.add_member(&member("u1", "member")).await.unwrap(), MemberChange::Done);
+    moved("adding members").await;
+    assert_eq!(repos.set_member_role("a", "u1", "admin").await.unwrap(), MemberChange::Done);
+    moved("changing a role").await;
+    let g = GuardrailRecord { id: "g1".into(), org_id: "a".into(), name: "g".into(), allowed_models: "[]".into(), blocked_models: "[]".into(), ..GuardrailRecord::default() };
+    repos.create_guardrail(&g).await.unwrap();
+    moved("creating a guardrail").await;
+    assert!(repos.update_guardrail(&GuardrailRecord { require_zdr: true, ..g.clone() }).await.unwrap());
+    moved("updating a guardrail").await;
+    assert_eq!(repos.set_guardrail_keys("a", "g1", &["k1".into()], true).await.unwrap(), 1);
+    moved("assigning a guardrail to a key").await;
+    assert_eq!(repos.set_guardrail_members("a", "g1", &["u1".into()], true, 20).await.unwrap(), 1);
+    moved("assigning a guardrail to a member").await;
+    assert_eq!(repos.remove_member("a", "u1", 30).await.unwrap(), MemberChange::Done);
+    moved("removing a member").await;
+    assert!(repos.delete_guardrail("a", "g1").await.unwrap());
+    moved("deleting a guardrail").await;
+
+    // What is not the accounts' does not move it; nor does a write that is refused.
+    assert!(repos.create_org(&org("a")).await.is_err(), "duplicate org id");
+    repos.append(&[line("a", "topup", "t1", 1_000, 40)]).await.unwrap();
+    repos.charge(&[charge("a", "gen-1", 10, None)]).await.unwrap();
+    repos.insert_generations(&[generation("gen-1")]).await.unwrap();
+    let _ = (repos.list_orgs().await.unwrap(), repos.keys_changed_since(0).await.unwrap(), repos.all_members().await.unwrap());
+    assert_eq!(repos.accounts_version().await.unwrap(), seen, "only account changes move the version");
 }

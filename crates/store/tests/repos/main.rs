@@ -53,6 +53,7 @@ suite!(
     accounts::orgs_and_keys,
     accounts::keys_are_isolated_between_orgs,
     accounts::workspaces_crud_isolation_and_key_detach,
+    accounts::account_changes_move_the_version_and_nothing_else_does,
     members::members_upsert_list_delete,
     members::guardrails_crud_assignments_and_isolation,
     ledger::ledger_append_is_idempotent_and_balance_exact,
