@@ -38,6 +38,17 @@ const MAX_CLAIM: usize = 256;
 const MAX_ACTIVE: i64 = 1000;
 /// How long a claimed webhook delivery is this worker's (longer than a delivery may take).
 const DELIVERY_LEASE_MS: i64 = 30_000;
+/// While looks find nothing to do, the wait between them doubles up to this many times the
+/// poll interval (a batch created here ends the wait at once; one created by another
+/// instance, a retry falling due or a lease running out is seen within that).
+const MOST_IDLE_POLLS: u32 = 8;
+
+/// The wait after `idle_looks` looks in a row found no batch, delivery or item: the poll
+/// interval, doubled from the second such look on, at most [`MOST_IDLE_POLLS`] times it.
+fn idle_wait(poll: Duration, idle_looks: u32) -> Duration {
+    let factor = 1u32.checked_shl(idle_looks.saturating_sub(1)).unwrap_or(u32::MAX);
+    poll * factor.clamp(1, MOST_IDLE_POLLS)
+}
 
 /// The native-lane drivers a worker runs, by batch id.
 #[derive(Default)]
@@ -108,27 +119,30 @@ impl Worker {
         let mut last_delivery_check = std::time::Instant::now().checked_sub(poll).unwrap_or_else(std::time::Instant::now);
         // Native-lane drivers: owned by this loop, so that stopping the worker stops them.
         let mut native = NativeDrivers::default();
+        let mut idle_looks: u32 = 0;
         loop {
-            if let Err(e) = self.look_after_batches().await {
+            // Taken before looking, so that a batch created during the look still ends the wait.
+            let wake = self.state.batches.wake.notified();
+            let active = self.look_after_batches().await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "batch worker: could not look after batches");
-            }
+                1
+            });
             self.drive_native_lanes(&mut native);
+            let mut delivering = 0;
             if last_delivery_check.elapsed() >= poll {
                 last_delivery_check = std::time::Instant::now();
-                if let Err(e) = self.deliver_due().await {
+                delivering = self.deliver_due().await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "batch worker: could not read webhook deliveries");
-                }
+                    1
+                });
             }
-            let claimed = match self.claim().await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "batch worker: could not claim items");
-                    0
-                }
-            };
+            let claimed = self.claim().await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "batch worker: could not claim items");
+                0
+            });
+            idle_looks = if active + delivering + claimed == 0 { idle_looks.saturating_add(1) } else { 0 };
             if claimed == 0 {
-                let wake = self.state.batches.wake.notified();
-                let _ = tokio::time::timeout(poll, wake).await;
+                let _ = tokio::time::timeout(idle_wait(poll, idle_looks), wake).await;
             }
         }
     }
@@ -244,9 +258,10 @@ impl Worker {
 
     /// Refreshes the active batches; finalizes those whose items are all done and winds down
     /// cancelled ones.
-    async fn look_after_batches(&self) -> Result<(), marga_store::StoreError> {
+    async fn look_after_batches(&self) -> Result<usize, marga_store::StoreError> {
         let store = &self.state.batches.store;
         let active = store.batches_in(&["in_progress", "finalizing", "cancelling"], MAX_ACTIVE).await?;
+        let count = active.len();
         *Self::lock(&self.batches) = active.iter().map(|b| (b.id.clone(), Arc::new(b.clone()))).collect();
         for batch in active {
             self.advance(&batch).await?;
@@ -254,7 +269,7 @@ impl Worker {
                 self.maybe_progress(&batch).await;
             }
         }
-        Ok(())
+        Ok(count)
     }
 
     /// A `batch.progress` event when items finished since the last one and the last one is at
@@ -373,14 +388,17 @@ impl Worker {
     }
 
     /// Starts the webhook deliveries that are due.
-    async fn deliver_due(self: &Arc<Self>) -> Result<(), marga_store::StoreError> {
+    /// Starts the deliveries that are due; returns how many.
+    async fn deliver_due(self: &Arc<Self>) -> Result<usize, marga_store::StoreError> {
         let now = unix_now_ms();
         let until = now + DELIVERY_LEASE_MS;
-        for delivery in self.state.batches.store.claim_deliveries(&self.owner, now, until, 16).await? {
+        let due = self.state.batches.store.claim_deliveries(&self.owner, now, until, 16).await?;
+        let count = due.len();
+        for delivery in due {
             let worker = Arc::clone(self);
             tokio::spawn(async move { worker.deliver_one(delivery).await });
         }
-        Ok(())
+        Ok(count)
     }
 
     /// One attempt; records delivered, failed (out of attempts) or when to try again.
@@ -464,5 +482,19 @@ impl Worker {
                 tracing::warn!(error = %e, "batch worker: could not renew item leases");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::idle_wait;
+
+    #[test]
+    fn an_idle_worker_looks_less_often_up_to_a_bound() {
+        let poll = Duration::from_millis(200);
+        let waits: Vec<u128> = [0, 1, 2, 3, 4, 5, 40, u32::MAX].iter().map(|&n| idle_wait(poll, n).as_millis()).collect();
+        assert_eq!(waits, [200, 200, 400, 800, 1600, 1600, 1600, 1600]);
     }
 }
