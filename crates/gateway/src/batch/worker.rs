@@ -387,8 +387,7 @@ impl Worker {
         }
     }
 
-    /// Starts the webhook deliveries that are due.
-    /// Starts the deliveries that are due; returns how many.
+    /// Starts the webhook deliveries that are due; returns how many.
     async fn deliver_due(self: &Arc<Self>) -> Result<usize, marga_store::StoreError> {
         let now = unix_now_ms();
         let until = now + DELIVERY_LEASE_MS;
