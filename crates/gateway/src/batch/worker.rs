@@ -50,6 +50,20 @@ fn idle_wait(poll: Duration, idle_looks: u32) -> Duration {
     poll * factor.clamp(1, MOST_IDLE_POLLS)
 }
 
+/// Deliveries grouped by batch, each group in the order its events were made (when each
+/// became due, then the event id, a UUIDv7 that grows with time).
+fn by_batch_in_order(mut due: Vec<DeliveryRecord>) -> Vec<Vec<DeliveryRecord>> {
+    due.sort_by(|a, b| (&a.batch_id, a.next_at_ms, &a.id).cmp(&(&b.batch_id, b.next_at_ms, &b.id)));
+    let mut groups: Vec<Vec<DeliveryRecord>> = Vec::new();
+    for delivery in due {
+        match groups.last_mut() {
+            Some(group) if group[0].batch_id == delivery.batch_id => group.push(delivery),
+            _ => groups.push(vec![delivery]),
+        }
+    }
+    groups
+}
+
 /// The native-lane drivers a worker runs, by batch id.
 #[derive(Default)]
 struct NativeDrivers {
@@ -387,15 +401,21 @@ impl Worker {
         }
     }
 
-    /// Starts the webhook deliveries that are due; returns how many.
+    /// Starts the webhook deliveries that are due; returns how many. One batch's events go
+    /// out one after another in the order they were made (a batch's `batch.completed` never
+    /// overtakes its last `batch.progress`); different batches' go out side by side.
     async fn deliver_due(self: &Arc<Self>) -> Result<usize, marga_store::StoreError> {
         let now = unix_now_ms();
         let until = now + DELIVERY_LEASE_MS;
         let due = self.state.batches.store.claim_deliveries(&self.owner, now, until, 16).await?;
         let count = due.len();
-        for delivery in due {
+        for batch in by_batch_in_order(due) {
             let worker = Arc::clone(self);
-            tokio::spawn(async move { worker.deliver_one(delivery).await });
+            tokio::spawn(async move {
+                for delivery in batch {
+                    worker.deliver_one(delivery).await;
+                }
+            });
         }
         Ok(count)
     }
@@ -488,12 +508,32 @@ impl Worker {
 mod tests {
     use std::time::Duration;
 
-    use super::idle_wait;
+    use marga_store::DeliveryRecord;
+
+    use super::{by_batch_in_order, idle_wait};
 
     #[test]
     fn an_idle_worker_looks_less_often_up_to_a_bound() {
         let poll = Duration::from_millis(200);
         let waits: Vec<u128> = [0, 1, 2, 3, 4, 5, 40, u32::MAX].iter().map(|&n| idle_wait(poll, n).as_millis()).collect();
         assert_eq!(waits, [200, 200, 400, 800, 1600, 1600, 1600, 1600]);
+    }
+
+    #[test]
+    fn a_batchs_events_are_delivered_in_the_order_they_were_made() {
+        let event = |batch: &str, id: &str, at: i64| DeliveryRecord { id: id.into(), batch_id: batch.into(), next_at_ms: at, ..DeliveryRecord::default() };
+        // As a claim may return them: in no particular order.
+        let claimed = vec![
+            event("b1", "evt_03", 30),
+            event("b2", "evt_02", 20),
+            event("b1", "evt_01", 10),
+            event("b1", "evt_04", 30),
+        ];
+        let groups: Vec<Vec<(String, String)>> = by_batch_in_order(claimed)
+            .into_iter()
+            .map(|g| g.into_iter().map(|d| (d.batch_id, d.id)).collect())
+            .collect();
+        let pair = |b: &str, e: &str| (b.to_owned(), e.to_owned());
+        assert_eq!(groups, vec![vec![pair("b1", "evt_01"), pair("b1", "evt_03"), pair("b1", "evt_04")], vec![pair("b2", "evt_02")]]);
     }
 }
