@@ -38,16 +38,15 @@ const MAX_CLAIM: usize = 256;
 const MAX_ACTIVE: i64 = 1000;
 /// How long a claimed webhook delivery is this worker's (longer than a delivery may take).
 const DELIVERY_LEASE_MS: i64 = 30_000;
-/// While looks find nothing to do, the wait between them doubles up to this many times the
-/// poll interval (a batch created here ends the wait at once; one created by another
+/// While looks find nothing to do, the wait between them doubles this many times at most
+/// (up to 8 poll intervals: a batch created here ends the wait at once; one created by another
 /// instance, a retry falling due or a lease running out is seen within that).
-const MOST_IDLE_POLLS: u32 = 8;
+const IDLE_DOUBLINGS: u32 = 3;
 
 /// The wait after `idle_looks` looks in a row found no batch, delivery or item: the poll
-/// interval, doubled from the second such look on, at most [`MOST_IDLE_POLLS`] times it.
+/// interval, doubled from the second such look on, [`IDLE_DOUBLINGS`] times at most.
 fn idle_wait(poll: Duration, idle_looks: u32) -> Duration {
-    let factor = 1u32.checked_shl(idle_looks.saturating_sub(1)).unwrap_or(u32::MAX);
-    poll * factor.clamp(1, MOST_IDLE_POLLS)
+    poll * (1 << idle_looks.saturating_sub(1).min(IDLE_DOUBLINGS))
 }
 
 /// Deliveries grouped by batch, each group in the order its events were made (when each
