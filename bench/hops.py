@@ -131,16 +131,27 @@ def measure(target, streams_count, delay_ms, pause):
     bench.PROCS.clear()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", choices=["marga", "nginx", "both"], default="both")
-    ap.add_argument("--streams", type=int, default=300)
+def stream_options(ap, streams):
+    """The options of a run of sequential streams (here and in stages.py)."""
+    ap.add_argument("--streams", type=int, default=streams)
     ap.add_argument("--chunk-delay-ms", type=int, default=20)
     ap.add_argument("--pause-ms", type=int, default=20, help="between streams")
     ap.add_argument("--bin", type=Path, default=bench.BIN, help="directory with marga and mock-upstream")
+
+
+def parse_stream_options(ap):
+    """Parses them, points bench.py at the binaries, and stops what it starts at exit."""
     a = ap.parse_args()
     bench.BIN = a.bin
     atexit.register(bench.cleanup)
+    return a
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", choices=["marga", "nginx", "both"], default="both")
+    stream_options(ap, 300)
+    a = parse_stream_options(ap)
     for target in (["nginx", "marga"] if a.target == "both" else [a.target]):
         measure(target, a.streams, a.chunk_delay_ms, a.pause_ms / 1000)
 

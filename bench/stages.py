@@ -124,13 +124,8 @@ def stage_times(found, probes):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, default=150)
-    ap.add_argument("--chunk-delay-ms", type=int, default=20)
-    ap.add_argument("--pause-ms", type=int, default=20, help="between streams")
-    ap.add_argument("--bin", type=Path, default=bench.BIN, help="directory with marga and mock-upstream")
-    a = ap.parse_args()
-    bench.BIN = a.bin
-    atexit.register(bench.cleanup)
+    hops.stream_options(ap, 150)
+    a = hops.parse_stream_options(ap)
     probes = add_probes((a.bin / "marga").resolve())
     tmp = Path(tempfile.mkdtemp(prefix="marga-stages-"))
     _, mock_url = bench.start_mock(a.chunk_delay_ms, None, tmp, "mockstream")
