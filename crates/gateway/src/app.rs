@@ -30,6 +30,8 @@ use crate::serving::{Listeners, Serving};
 pub struct App {
     listeners: Listeners,
     router: axum::Router,
+    /// The serving threads' timer anchor period ([`crate::serving::timer_anchor_period`]).
+    timer_anchor: std::time::Duration,
     log_writer: JoinHandle<()>,
     ledger_writer: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
@@ -136,7 +138,8 @@ impl App {
         }
         let listeners = Listeners::bind(config.listen, config.server.serving_threads())
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        Ok(App { listeners, router: router(state), log_writer, ledger_writer, background, master_key, store })
+        let timer_anchor = crate::serving::timer_anchor_period(config.routing.first_token_timeout);
+        Ok(App { listeners, router: router(state), timer_anchor, log_writer, ledger_writer, background, master_key, store })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -160,8 +163,8 @@ impl App {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
     /// and flushes the request log and the ledger before returning.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let App { listeners, router, log_writer, ledger_writer, background, .. } = self;
-        let mut serving = Serving::start(listeners, router)?;
+        let App { listeners, router, timer_anchor, log_writer, ledger_writer, background, .. } = self;
+        let mut serving = Serving::start(listeners, router, timer_anchor)?;
         let served = serving.drain(shutdown).await;
         for task in background {
             task.abort();
