@@ -132,7 +132,7 @@ const PURGE_NUDGE_BYTES: usize = 1 << 20;
 /// then only what was freed at least one purge delay (1 s) earlier. The frees that end a burst
 /// of work fall within that delay, and an idle gateway frees no page afterwards, so what the
 /// burst freed stayed resident for good (64 MiB idle after 2,000 concurrent streams ended
-/// instead of 47, BENCHMARKS.md). Every [`PURGE_EVERY`] this frees such a page: one allocation
+/// instead of 49, BENCHMARKS.md). Every [`PURGE_EVERY`] this frees such a page: one allocation
 /// and one free, never touched (no memory made resident).
 async fn let_the_allocator_purge() {
     let mut tick = tokio::time::interval(PURGE_EVERY);
