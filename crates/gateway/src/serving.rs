@@ -160,7 +160,8 @@ async fn serve(socket: std::net::TcpListener, router: axum::Router, stop: watch:
 }
 
 /// The period of a serving thread's timer anchor: at most half the first-token timeout (the
-/// shortest timer a request sets), between 1 and 30 s.
+/// timer every request sets), between 1 and 30 s. Rarer, shorter timers (a new upstream
+/// connection's connect timeout) may still interrupt the sleep: two system calls, no more.
 pub fn timer_anchor_period(first_token_timeout: Duration) -> Duration {
     (first_token_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
@@ -170,8 +171,8 @@ pub fn timer_anchor_period(first_token_timeout: Duration) -> Duration {
 /// `epoll_wait`) whenever a timer is set earlier than the earliest one it is sleeping towards,
 /// or when it sleeps with none: on a thread whose previous requests are done, that was every
 /// request's first-token timeout, two system calls per request more than the work needs.
-/// With a timer always due sooner than any request's, a request's timers never interrupt the
-/// sleep; the anchor costs about three wake-ups per period (the timer wheel moving it down
+/// With a timer always due sooner than any request's first-token timeout, setting it never
+/// interrupts the sleep; the anchor costs about three wake-ups per period (the timer wheel moving it down
 /// its levels, and the firing).
 async fn anchor_timers(period: Duration) {
     let mut tick = tokio::time::interval(period);
