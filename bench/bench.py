@@ -573,8 +573,7 @@ class Bench:
         time.sleep(5)
         self.record({"kind": "memory", "what": "idle_after_hold", "rss_kb": status_kb(pid, "VmRSS")})
         # Idle again: the upstream pools keep only their idle allowance of connections, and the
-        # allocator returns the streams' pages at its next purge (Marga nudges it every 2 s,
-        # see `let_the_allocator_purge` in main.rs).
+        # allocator's background threads return the streams' pages over about 10 s (main.rs).
         time.sleep(25)
         self.record({"kind": "memory", "what": "idle_30s_after_hold", "rss_kb": status_kb(pid, "VmRSS")})
 

@@ -9,10 +9,15 @@ use marga_gateway::app::App;
 use marga_gateway::auth::MasterKey;
 use marga_gateway::config::{Config, LogFormat, Overrides};
 
-/// mimalloc: the request path allocates many small, short-lived buffers; glibc's malloc spent
-/// ~15% of the gateway's CPU on them under load.
+/// jemalloc: the request path allocates many small, short-lived buffers (glibc's malloc spent
+/// ~15% of the gateway's CPU on them under load). Its thread caches hand out a block without
+/// reading the block's memory (mimalloc, used before, loads the next free block from the one
+/// it hands out: a cache miss on nearly every allocation when requests are far apart, which we
+/// take to be why) it measured 0.87–0.90× the CPU per chat request (BENCHMARKS.md, stop 22). Its background
+/// threads (the `background_threads` feature) return freed memory to the system after a
+/// decay of about 10 s, also while the gateway is idle.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(name = "marga", version, about = "Marga: a self-hosted, OpenAI-compatible AI gateway")]
@@ -99,7 +104,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let text_logs = config.log.format == LogFormat::Text;
         let app = App::build(config, master_key).await.map_err(|e| e.to_string())?;
         announce(&app, models, text_logs);
-        let _purging = tokio::spawn(let_the_allocator_purge());
         app.run_until_stopped(shutdown_signal()).await.map_err(|e| format!("server error: {e}"))
     });
     drop(runtime);
@@ -110,36 +114,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     result
 }
 
-/// Opts the process out of transparent huge pages. mimalloc asks for them (`MADV_HUGEPAGE`)
-/// on the memory it reserves, so wherever a 2 MiB range holds a few live blocks all 2 MiB stay
-/// resident: 43 MiB idle after start with them, 25 without, and ≈ 17 MiB more after load. The heap of a gateway is small and its allocations short-lived, so huge pages
-/// buy it nothing measurable (BENCHMARKS.md). Where the kernel refuses, nothing changes.
+/// Opts the process out of transparent huge pages. Where they are on for all memory (the
+/// system's `always`, or an allocator that asks for them: mimalloc did), every 2 MiB range
+/// holding a few live blocks stays resident whole: 43 MiB idle after start with them, 25
+/// without, and ≈ 17 MiB more after load. The heap of a gateway is small and its allocations
+/// short-lived, so huge pages buy it nothing measurable (BENCHMARKS.md). Where the kernel
+/// refuses, nothing changes.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         eprintln!("marga: transparent huge pages stay on ({e})");
-    }
-}
-
-/// How often [`let_the_allocator_purge`] gives mimalloc the chance to return memory.
-const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// A block larger than mimalloc's largest size class (512 KiB): it gets a page of its own,
-/// which is handed back to the arena, and purging considered, as soon as the block is freed.
-const PURGE_NUDGE_BYTES: usize = 1 << 20;
-
-/// mimalloc returns freed memory to the system only when a thread frees a page of its own, and
-/// then only what was freed at least one purge delay (1 s) earlier. The frees that end a burst
-/// of work fall within that delay, and an idle gateway frees no page afterwards, so what the
-/// burst freed stayed resident for good (64 MiB idle after 2,000 concurrent streams ended
-/// instead of 49, BENCHMARKS.md). Every [`PURGE_EVERY`] this frees such a page: one allocation
-/// and one free, never touched (no memory made resident).
-async fn let_the_allocator_purge() {
-    let mut tick = tokio::time::interval(PURGE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        drop(std::hint::black_box(Vec::<u8>::with_capacity(PURGE_NUDGE_BYTES)));
     }
 }
 

@@ -7,9 +7,8 @@
 //! count. Callers hand it their texts and wait for the answer, as they waited for the count
 //! before; a count after an idle period pays the load again (≈0.2 s of CPU).
 //!
-//! Freed memory goes back to the OS only when the allocator next collects; a thread that ends
-//! is one such moment, so the tokenizer thread ends one through [`release_memory`] once the
-//! tokenizer is gone.
+//! The allocator returns the tokenizer's memory to the OS in the background once it is freed
+//! (jemalloc's decay: within about 10 s; see `main.rs`).
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,9 +19,6 @@ use tiktoken_rs::CoreBPE;
 
 /// How long the tokenizer stays loaded without being used.
 const IDLE: Duration = Duration::from_secs(10);
-/// How long after the tokenizer is dropped the allocator may return its pages (its purge
-/// delay is about a second).
-const PURGE_DELAY: Duration = Duration::from_millis(1100);
 
 /// One request to the tokenizer thread: texts to count, and where to send their total.
 struct Job {
@@ -114,19 +110,6 @@ fn serve(jobs: Receiver<Job>, idle: Duration, number: u64) {
         }
     }
     drop(tokenizer);
-    release_memory();
-}
-
-/// Lets the allocator return freed memory to the OS: it does so at its next collection after
-/// its purge delay, and the end of a thread that allocated is one.
-fn release_memory() {
-    std::thread::sleep(PURGE_DELAY);
-    let collector = std::thread::Builder::new().name("marga-tokenizer-release".into()).spawn(|| {
-        std::hint::black_box(vec![0u8; 64]);
-    });
-    if let Ok(handle) = collector {
-        let _ = handle.join();
-    }
 }
 
 fn tokens_of(bpe: &CoreBPE, text: &str) -> u64 {

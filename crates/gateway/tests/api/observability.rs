@@ -275,8 +275,8 @@ async fn sigterm_right_after_requests_flushes_every_record() {
     assert_all_recorded(&setup.data, &ids).await;
 }
 
-/// mimalloc asks for transparent huge pages; the binary opts out at start, or half its idle
-/// memory would be 2 MiB pages holding a few live blocks each.
+/// Where transparent huge pages are on for all memory, half the binary's idle memory would be
+/// 2 MiB pages holding a few live blocks each: it opts out at start.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_runs_without_transparent_huge_pages() {
