@@ -11,7 +11,7 @@
 #
 # The SDK tests run the binaries of SDK_PROFILE (default: dev, the profile `cargo test`
 # already compiles every dependency in, so a cold CI run compiles the world once instead of
-# twice: measured on 2 cores, the release build alone costs ~485 CPU-s against ~120 CPU-s
+# twice: measured on 2 cores, the release build alone costs ~650 CPU-s against ~120 CPU-s
 # for the dev binaries on top of the test build). `make test SDK_PROFILE=release` runs them
 # against the release build instead.
 
