@@ -10,12 +10,12 @@ use marga_gateway::auth::MasterKey;
 use marga_gateway::config::{Config, LogFormat, Overrides};
 
 /// jemalloc: the request path allocates many small, short-lived buffers (glibc's malloc spent
-/// ~15% of the gateway's CPU on them under load). Its thread caches hand out a block without
-/// reading the block's memory (mimalloc, used before, loads the next free block from the one
-/// it hands out: a cache miss on nearly every allocation when requests are far apart, which we
-/// take to be why) it measured 0.87–0.90× the CPU per chat request (BENCHMARKS.md, stop 22). Its background
-/// threads (the `background_threads` feature) return freed memory to the system after a
-/// decay of about 10 s, also while the gateway is idle.
+/// ~15% of the gateway's CPU on them under load). It measured 0.87–0.90× mimalloc's CPU per
+/// chat request (BENCHMARKS.md, stop 22); we take the cause to be that its thread caches hand
+/// out a block without reading it, where mimalloc loads the next free block from the one it
+/// hands out, a cache miss on nearly every allocation when requests are far apart. Its
+/// background threads (the `background_threads` feature) return freed memory to the system
+/// after a decay of about 10 s, also while the gateway is idle.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
