@@ -300,6 +300,20 @@ def machine():
             "kernel": platform.release(), "load_avg_start": os.getloadavg()}
 
 
+def hot_list_coverage(binary=BIN / "marga"):
+    """How many of crates/gateway/hot-functions.txt's names the binary has (the linker skips
+    the others without a word): {"listed", "in_binary"}, or None without `nm` or the binary.
+    The names carry hashes that change with the dependencies, so a list goes stale."""
+    order = ROOT / "crates" / "gateway" / "hot-functions.txt"
+    try:
+        listed = {l for l in order.read_text().splitlines() if l and not l.startswith("#")}
+        nm = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    symbols = {line.rsplit(" ", 1)[-1] for line in nm.stdout.splitlines()}
+    return {"listed": len(listed), "in_binary": len(listed & symbols)}
+
+
 # --------------------------------------------------------------------------- workloads
 
 def bodies(tmp):
@@ -671,7 +685,8 @@ def main():
               "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
               "oha": subprocess.run(["oha", "--version"], capture_output=True, text=True).stdout.strip()
               if shutil.which("oha") else None,
-              "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()})
+              "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+              "hot_functions": hot_list_coverage()})
     b.start()
     for phase in a.phases:
         log(f"phase {phase}")

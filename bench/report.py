@@ -48,6 +48,11 @@ def render(rows):
     w(f"- machine: {m.get('nproc')} CPUs, {m.get('cpu')}, {m.get('ram_gib')} GiB RAM, Linux {m.get('kernel')}, "
       f"load average at start {m.get('load_avg_start')}")
     w(f"- tools: {meta.get('wrk')}; {meta.get('oha')}; {meta.get('nginx')}")
+    hot = meta.get("hot_functions")
+    if hot:
+        share = hot["in_binary"] / max(hot["listed"], 1)
+        w(f"- symbol order: {hot['in_binary']:,} of the {hot['listed']:,} names in hot-functions.txt are in the binary"
+          + (" — **stale list**: regenerate it with `python3 bench/hot_functions.py` and rebuild" if share < 0.8 else ""))
     end = next((r for r in rows if r["kind"] == "end"), {})
     if end:
         w(f"- load average at end {end.get('load_avg_end')} (the machine is shared: compare ratios within this run)")
