@@ -4,6 +4,7 @@
 #   make test-rust cargo test --workspace (and the e2e suite on Postgres if MARGA_TEST_POSTGRES=1)
 #   make test-sdk  the Python tests in tests/sdk (official openai SDK against the real binary)
 #   make build     release build of marga and mock-upstream
+#   make build-pgo profile-guided marga (bench/pgo.sh): target/pgo/release/marga, for production
 #   make serve     run the gateway (release): make serve ARGS="--listen 0.0.0.0:8080"
 #   make bench     bench/run.sh
 #   make lint      clippy on every target, warnings are errors
@@ -41,7 +42,7 @@ REQUIREMENTS_STAMP := $(VENV)/.requirements.installed
 
 say = @printf '\n\033[1m==> %s\033[0m\n' "$(1)"
 
-.PHONY: help test test-rust test-sdk sdk-bins build serve bench lint venv clean-venv
+.PHONY: help test test-rust test-sdk sdk-bins build build-pgo serve bench lint venv clean-venv
 
 help:
 	@sed -n '3,11p' Makefile | sed 's/^# \{0,1\}//'
@@ -83,6 +84,9 @@ sdk-bins:
 
 build:
 	$(CARGO) build --release -p marga-gateway -p mock-upstream
+
+build-pgo:
+	bash bench/pgo.sh
 
 serve:
 	$(CARGO) run --release -p marga-gateway -- serve $(ARGS)

@@ -38,6 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = ROOT / "target" / "release"
+# The gateway under test; `--marga` (bench/run.sh: the profile-guided build) replaces it.
+MARGA = BIN / "marga"
 MASTER_KEY = "marga_mk_bench_0123456789abcdef"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = "please write a short answer about benchmarks and gateways today"
@@ -223,7 +225,7 @@ def start_marga(config_text, tmp, cpus, logdir, name="marga"):
     port = free_port()
     env = dict(os.environ, MARGA_MASTER_KEY=MASTER_KEY)
     env.setdefault("RUST_LOG", "warn")
-    cmd = taskset(cpus) + [str(BIN / "marga"), "serve", "--listen", f"127.0.0.1:{port}",
+    cmd = taskset(cpus) + [str(MARGA), "serve", "--listen", f"127.0.0.1:{port}",
                            "--data-dir", str(data), "--config", str(cfg)]
     p = track(subprocess.Popen(cmd, env=env, stdout=open(logdir / f"{name}.log", "w"), stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
@@ -300,11 +302,12 @@ def machine():
             "kernel": platform.release(), "load_avg_start": os.getloadavg()}
 
 
-def hot_list_coverage(binary=BIN / "marga"):
+def hot_list_coverage(binary=None):
     """How many of crates/gateway/hot-functions.txt's names the binary has (the linker skips
     the others without a word): {"listed", "in_binary"}, or None without `nm` or the binary.
     The names carry hashes that change with the dependencies, so a list goes stale."""
     order = ROOT / "crates" / "gateway" / "hot-functions.txt"
+    binary = binary or MARGA
     try:
         listed = {l for l in order.read_text().splitlines() if l and not l.startswith("#")}
         nm = subprocess.run(["nm", "--defined-only", str(binary)], capture_output=True, text=True, check=True)
@@ -656,7 +659,11 @@ def main():
     ap.add_argument("--loadgen-cpus", default="", help="taskset CPU list for wrk/oha/stream client")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs, Marga data)")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--marga", default=str(BIN / "marga"), help="the marga binary to measure (mock-upstream is "
+                    "target/release's); bench/run.sh passes its profile-guided build")
     a = ap.parse_args()
+    global MARGA
+    MARGA = Path(a.marga)
     a.phases = [p.strip() for p in a.only.split(",") if p.strip()]
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
     a.rates = [int(r) for r in a.rates.split(",") if r.strip()]
@@ -686,7 +693,8 @@ def main():
               "oha": subprocess.run(["oha", "--version"], capture_output=True, text=True).stdout.strip()
               if shutil.which("oha") else None,
               "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
-              "hot_functions": hot_list_coverage()})
+              "hot_functions": hot_list_coverage(),
+              "marga": str(MARGA.relative_to(ROOT)) if MARGA.is_relative_to(ROOT) else str(MARGA)})
     b.start()
     for phase in a.phases:
         log(f"phase {phase}")

@@ -48,6 +48,10 @@ def render(rows):
     w(f"- machine: {m.get('nproc')} CPUs, {m.get('cpu')}, {m.get('ram_gib')} GiB RAM, Linux {m.get('kernel')}, "
       f"load average at start {m.get('load_avg_start')}")
     w(f"- tools: {meta.get('wrk')}; {meta.get('oha')}; {meta.get('nginx')}")
+    if meta.get("marga"):
+        pgo = "/pgo/" in meta["marga"]
+        w(f"- marga binary: `{meta['marga']}` ("
+          + ("profile-guided build, bench/pgo.sh)" if pgo else "plain release build, no profile-guided optimisation)"))
     hot = meta.get("hot_functions")
     if hot:
         share = hot["in_binary"] / max(hot["listed"], 1)

@@ -4,21 +4,28 @@
 #   bench/run.sh                     # everything (~9 min on 2 cores, after the build)
 #   bench/run.sh --quick             # short smoke run (~2.5 min)
 #   bench/run.sh --only streaming    # one phase: throughput, latency, streaming, memory
+#   bench/run.sh --no-pgo            # measure the plain release build instead
 #   bench/run.sh --help              # every option (bench/bench.py)
 #
-# Installs what is missing (wrk and nginx-light from Debian; oha from crates.io,
-# which compiles once for a few minutes), builds the release binaries, then runs
-# bench/bench.py. Everything listens on 127.0.0.1; every process started here is
-# stopped on exit. Results: bench/results/<timestamp>.{jsonl,md}.
+# Installs what is missing (wrk and nginx-light from Debian, and Debian's llvm-N
+# for llvm-profdata; oha from crates.io, which compiles once for a few minutes),
+# builds the release binaries and the profile-guided marga (bench/pgo.sh; the
+# plain release build, said so in the report, if that cannot be built), then
+# runs bench/bench.py. Everything listens on 127.0.0.1; every process started
+# here is stopped on exit. Results: bench/results/<timestamp>.{jsonl,md}.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 cd "$root"
 
+pgo=1
+args=()
 for arg in "$@"; do
   case "$arg" in
     -h|--help) exec python3 "$here/bench.py" --help ;;
+    --no-pgo) pgo=0 ;;
+    *) args+=("$arg") ;;
   esac
 done
 
@@ -56,8 +63,23 @@ fi
 
 echo "[bench] building release binaries" >&2
 cargo build --release -p marga-gateway -p mock-upstream >&2
+marga="$root/target/release/marga"
+if [ "$pgo" = 1 ]; then
+  llvm_major="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
+  if ! command -v "llvm-profdata-$llvm_major" >/dev/null && [ ! -x "/usr/lib/llvm-$llvm_major/bin/llvm-profdata" ] \
+      && [ -z "${LLVM_PROFDATA:-}" ]; then
+    echo "[bench] installing llvm-$llvm_major for llvm-profdata (apt-get)" >&2
+    apt_install "llvm-$llvm_major" || true
+  fi
+  echo "[bench] building the profile-guided marga (bench/pgo.sh)" >&2
+  if "$here/pgo.sh" >&2; then
+    marga="$root/target/pgo/release/marga"
+  else
+    echo "[bench] the profile-guided build failed: measuring the plain release build" >&2
+  fi
+fi
 
 # 2,000 held streams need ~4,000 descriptors on the client and gateway sides.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 20000 2>/dev/null || true
 
-BENCH_PIDFILE="$pidfile" python3 "$here/bench.py" "$@"
+BENCH_PIDFILE="$pidfile" python3 "$here/bench.py" --marga "$marga" "${args[@]}"
