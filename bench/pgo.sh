@@ -8,8 +8,8 @@
 #    (bench/pgo_train.py, ~40 s);
 # 3. merges its profile with llvm-profdata into target/pgo-profile/marga.profdata;
 # 4. builds marga again with -Cprofile-use into target/pgo.
-# On the benchmark's 2-core VM this cut Marga's CPU per request by 12-18 % and its added
-# p50 latency by 10-20 % (BENCHMARKS.md, stop 23). Two extra release builds: ~15-20 min on
+# On the benchmark's 2-core VM this cut Marga's CPU per request by 11-19 % and the p50
+# latency it adds by 9-21 % (BENCHMARKS.md, stop 23). Two extra release builds: ~15-20 min on
 # 2 cores from nothing, each in its own target directory so none undoes another.
 #
 # Needs llvm-profdata of the same LLVM major version as rustc (`rustc -vV`): rustup's
