@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -300,6 +301,15 @@ def machine():
         mem_kb = int(f.readline().split()[1])
     return {"nproc": os.cpu_count(), "cpu": model, "ram_gib": round(mem_kb / 1048576, 1),
             "kernel": platform.release(), "load_avg_start": os.getloadavg()}
+
+
+def in_threads(target, args_per_thread):
+    """Runs `target` once per argument tuple, each in its own thread, and waits for all."""
+    threads = [threading.Thread(target=target, args=args) for args in args_per_thread]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def hot_list_coverage(binary=None):

@@ -30,7 +30,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -79,11 +78,7 @@ def send(port, path, body, key, total):
                 errors.append((response.status, answer[:200]))
                 return
 
-    threads = [threading.Thread(target=one_connection, args=(total // CONNECTIONS,)) for _ in range(CONNECTIONS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    B.in_threads(one_connection, [(total // CONNECTIONS,)] * CONNECTIONS)
     if errors:
         raise SystemExit(f"requests failed: {errors[0]}")
     return total // CONNECTIONS * CONNECTIONS

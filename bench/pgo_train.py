@@ -22,7 +22,6 @@ import json
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -102,11 +101,7 @@ def drive(url, work, seconds):
                 conn = http.client.HTTPConnection(host, timeout=10)
         conn.close()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    B.in_threads(run, [(i,) for i in range(THREADS)])
     if failures:
         raise SystemExit(f"{work[0]}: status {failures[0]}, expected {expected}")
     return sum(counts)
