@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 use marga_protocol::openai::{
@@ -31,6 +31,11 @@ use super::{record, Candidate, Outcome, RequestCtx};
 use crate::money::Money;
 use crate::routing::Observation;
 use crate::request_log::RequestLog;
+
+/// The event that ends a stream.
+const DONE: &[u8] = b"data: [DONE]\n\n";
+/// Bytes reserved per event (a typical chunk's event is 150–250 bytes).
+const FRAME_CAPACITY: usize = 256;
 
 pub type UpstreamStream<C> = Pin<Box<dyn Stream<Item = Result<C, ProviderError>> + Send>>;
 
@@ -271,11 +276,16 @@ impl<C: StreamChunk> Relay<C> {
     /// one write to the client instead of one per event when events arrive together. It never
     /// waits: what is not ready yet goes in a later piece.
     fn with_ready_frames(&mut self, first: Bytes) -> Bytes {
-        let mut batch: Option<BytesMut> = None;
+        let mut batch: Option<Vec<u8>> = None;
         loop {
             if let Some(frame) = self.pending.pop_front() {
-                let frame = self.encode(frame);
-                batch.get_or_insert_with(|| BytesMut::from(&first[..])).extend_from_slice(&frame);
+                let batch = batch.get_or_insert_with(|| {
+                    // Room for this frame and the rest of a burst without growing.
+                    let mut batch = Vec::with_capacity(first.len() + FRAME_CAPACITY * (self.pending.len() + 4));
+                    batch.extend_from_slice(&first);
+                    batch
+                });
+                self.encode_into(frame, batch);
                 continue;
             }
             if self.finished || self.lookahead.is_some() {
@@ -287,7 +297,7 @@ impl<C: StreamChunk> Relay<C> {
                 None => break,
             }
         }
-        batch.map_or(first, BytesMut::freeze)
+        batch.map_or(first, Bytes::from)
     }
 
     async fn next_frame(&mut self) -> Option<Bytes> {
@@ -328,16 +338,27 @@ impl<C: StreamChunk> Relay<C> {
 
     fn encode(&self, frame: Frame<C>) -> Bytes {
         match frame {
-            Frame::Done => Bytes::from_static(b"data: [DONE]\n\n"),
+            Frame::Done => Bytes::from_static(DONE),
+            Frame::Chunk(_) => {
+                let mut out = Vec::with_capacity(FRAME_CAPACITY);
+                self.encode_into(frame, &mut out);
+                Bytes::from(out)
+            }
+        }
+    }
+
+    /// Appends `frame`'s SSE event to `out`.
+    fn encode_into(&self, frame: Frame<C>, out: &mut Vec<u8>) {
+        match frame {
+            Frame::Done => out.extend_from_slice(DONE),
             Frame::Chunk(chunk) => {
-                let mut out = Vec::with_capacity(256);
+                let start = out.len();
                 out.extend_from_slice(b"data: ");
-                if chunk.write_json(&self.identity, &mut out).is_err() {
-                    out.truncate(b"data: ".len());
+                if chunk.write_json(&self.identity, out).is_err() {
+                    out.truncate(start + b"data: ".len());
                     out.extend_from_slice(b"{}");
                 }
                 out.extend_from_slice(b"\n\n");
-                Bytes::from(out)
             }
         }
     }
