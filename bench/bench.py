@@ -28,9 +28,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -692,7 +692,9 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     b = Bench(a)
-    cmdline = "bench/run.sh " + " ".join(sys.argv[1:])
+    # run.sh always passes --marga; the report names the binary on a line of its own.
+    shown = [arg for i, arg in enumerate(sys.argv[1:]) if arg != "--marga" and sys.argv[i] != "--marga"]
+    cmdline = "bench/run.sh " + " ".join(shown)
     b.record({"kind": "meta", "machine": machine(), "command": cmdline.strip(), "started": time.strftime("%F %T %z"),
               "args": {k: v for k, v in vars(a).items() if k not in ("phases",)},
               "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],

@@ -14,7 +14,8 @@
 #
 # Needs llvm-profdata of the same LLVM major version as rustc (`rustc -vV`): rustup's
 # `llvm-tools` component, or the distribution's llvm-N package (Debian: llvm-22 for
-# rustc 1.95). LLVM_PROFDATA=/path/to/llvm-profdata picks one explicitly.
+# rustc 1.95). LLVM_PROFDATA=/path/to/llvm-profdata picks one explicitly. Without one the
+# script exits with status 2 before building anything (bench/run.sh then installs llvm-N).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

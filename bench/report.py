@@ -49,9 +49,9 @@ def render(rows):
       f"load average at start {m.get('load_avg_start')}")
     w(f"- tools: {meta.get('wrk')}; {meta.get('oha')}; {meta.get('nginx')}")
     if meta.get("marga"):
-        pgo = "/pgo/" in meta["marga"]
-        w(f"- marga binary: `{meta['marga']}` ("
-          + ("profile-guided build, bench/pgo.sh)" if pgo else "plain release build, no profile-guided optimisation)"))
+        kind = {"target/pgo/release/marga": " (the profile-guided build, bench/pgo.sh)",
+                "target/release/marga": " (the plain release build, not profile-guided)"}.get(meta["marga"], "")
+        w(f"- marga binary: `{meta['marga']}`{kind}")
     hot = meta.get("hot_functions")
     if hot:
         share = hot["in_binary"] / max(hot["listed"], 1)

@@ -65,14 +65,16 @@ echo "[bench] building release binaries" >&2
 cargo build --release -p marga-gateway -p mock-upstream >&2
 marga="$root/target/release/marga"
 if [ "$pgo" = 1 ]; then
-  llvm_major="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
-  if ! command -v "llvm-profdata-$llvm_major" >/dev/null && [ ! -x "/usr/lib/llvm-$llvm_major/bin/llvm-profdata" ] \
-      && [ -z "${LLVM_PROFDATA:-}" ]; then
-    echo "[bench] installing llvm-$llvm_major for llvm-profdata (apt-get)" >&2
-    apt_install "llvm-$llvm_major" || true
-  fi
   echo "[bench] building the profile-guided marga (bench/pgo.sh)" >&2
-  if "$here/pgo.sh" >&2; then
+  status=0
+  "$here/pgo.sh" >&2 || status=$?
+  if [ "$status" = 2 ]; then  # no llvm-profdata of rustc's LLVM version: install Debian's
+    llvm_major="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
+    echo "[bench] installing llvm-$llvm_major for llvm-profdata (apt-get)" >&2
+    status=0
+    { apt_install "llvm-$llvm_major" && "$here/pgo.sh" >&2; } || status=$?
+  fi
+  if [ "$status" = 0 ]; then
     marga="$root/target/pgo/release/marga"
   else
     echo "[bench] the profile-guided build failed: measuring the plain release build" >&2
