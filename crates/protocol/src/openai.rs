@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 /// Fields a JSON object carried that the typed struct does not name.
 pub type Extra = Map<String, Value>;
 
+mod usage;
+pub use usage::{CompletionTokensDetails, ExactNumber, PromptTokensDetails, Usage};
+
 // === Chat request ===
 
 /// `POST /v1/chat/completions` body, without Marga's routing extensions (see [`crate::routing`]).
@@ -326,96 +329,6 @@ pub enum FinishReason {
     Error,
     #[serde(untagged)]
     Other(String),
-}
-
-/// Token usage, with Marga's `cost` added on the way out.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Usage {
-    #[serde(default)]
-    pub prompt_tokens: u64,
-    #[serde(default)]
-    pub completion_tokens: u64,
-    #[serde(default)]
-    pub total_tokens: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_tokens_details: Option<PromptTokensDetails>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub completion_tokens_details: Option<CompletionTokensDetails>,
-    /// What the request cost the caller, in its organisation's currency (Marga writes it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cost: Option<ExactNumber>,
-    #[serde(flatten)]
-    pub extra: Extra,
-}
-
-/// A JSON number kept as written, every digit intact (money never passes through a float).
-/// Marga writes it exactly; an upstream's value is read leniently (any JSON number or numeric
-/// string) because it is only ever replaced.
-#[derive(Clone, Debug, Serialize)]
-#[serde(transparent)]
-pub struct ExactNumber(Box<serde_json::value::RawValue>);
-
-impl<'de> Deserialize<'de> for ExactNumber {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = match Value::deserialize(deserializer)? {
-            Value::Number(n) => n.to_string(),
-            Value::String(s) if serde_json::from_str::<serde_json::Number>(&s).is_ok() => s,
-            _ => "0".to_owned(),
-        };
-        ExactNumber::new(text).ok_or_else(|| serde::de::Error::custom("not a number"))
-    }
-}
-
-impl ExactNumber {
-    /// `text` must be a JSON number (e.g. a decimal's `to_string()`).
-    pub fn new(text: String) -> Option<ExactNumber> {
-        serde_json::value::RawValue::from_string(text).ok().map(ExactNumber)
-    }
-
-    pub fn as_str(&self) -> &str {
-        self.0.get()
-    }
-}
-
-impl PartialEq for ExactNumber {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.get() == other.0.get()
-    }
-}
-
-impl Usage {
-    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-            ..Usage::default()
-        }
-    }
-
-    pub fn cached_tokens(&self) -> u64 {
-        self.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0)
-    }
-
-    pub fn reasoning_tokens(&self) -> u64 {
-        self.completion_tokens_details.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0)
-    }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PromptTokensDetails {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cached_tokens: Option<u64>,
-    #[serde(flatten)]
-    pub extra: Extra,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct CompletionTokensDetails {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reasoning_tokens: Option<u64>,
-    #[serde(flatten)]
-    pub extra: Extra,
 }
 
 // === Chat stream ===

@@ -37,7 +37,8 @@ pub fn served_headers(ctx: &RequestCtx, plan: &Plan, candidate: &Candidate, cost
         .filter(|a| a.outcome != "success")
         .map(|a| (format!("{}/{}", a.provider, a.model), a.outcome))
         .collect();
-    let route = plan.header(&candidate.route, &failed);
+    // The header takes the string's buffer as it is (no copy).
+    let route = HeaderValue::from_maybe_shared(Bytes::from(plan.header(&candidate.route, &failed)));
     // Room for every header a response can carry (four, the cost's three, the rate limit's
     // three, the content type's and the stream's), so that the map never grows.
     let mut headers = HeaderMap::with_capacity(16);
@@ -45,12 +46,12 @@ pub fn served_headers(ctx: &RequestCtx, plan: &Plan, candidate: &Candidate, cost
         (&X_BR_PROVIDER, candidate.route.provider.id.as_str()),
         (&X_BR_MODEL, candidate.model.id.as_str()),
         (&X_GENERATION_ID, ctx.id.as_str()),
-        (&X_BR_ROUTE, route.as_str()),
     ];
     for (name, value) in pairs {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name.clone(), value);
-        }
+        insert(&mut headers, name, value);
+    }
+    if let Ok(route) = route {
+        headers.insert(X_BR_ROUTE.clone(), route);
     }
     if let Some(cost) = cost {
         let amount = cost.amount.normalize().to_string();

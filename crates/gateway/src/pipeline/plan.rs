@@ -14,6 +14,7 @@
 //! On an exploring turn (see [`crate::routing::explore`]) a cold route moves to the front of its
 //! step before `provider.order` applies.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use marga_protocol::routing::{FallbackStep, ProviderPreference, ProviderPreferences, RoutingExtensions};
@@ -301,18 +302,29 @@ impl Plan {
     /// The compact `x-br-route` header: strategy, the route that served, routes exploration
     /// moved forward, failed and skipped routes.
     pub fn header(&self, served: &Route, failed: &[(String, &'static str)]) -> String {
-        let mut out = format!("strategy={}; route={}", self.strategy.as_str(), served.label());
-        if !self.explored.is_empty() {
-            out.push_str(&format!("; explored={}", self.explored.join(",")));
-        }
-        if !failed.is_empty() {
-            let list: Vec<String> = failed.iter().map(|(r, why)| format!("{r}:{why}")).collect();
-            out.push_str(&format!("; failed={}", list.join(",")));
-        }
-        if !self.skipped.is_empty() {
-            let list: Vec<String> = self.skipped.iter().take(8).map(|s| format!("{}:{}", s.route, s.reason)).collect();
-            out.push_str(&format!("; skipped={}", list.join(",")));
-        }
+        // Written into one string (no piece formatted on its own first): every served request
+        // builds it.
+        let mut out = String::with_capacity(64);
+        let _ = write!(out, "strategy={}; route={}/{}", self.strategy.as_str(), served.provider.id, served.upstream_model);
+        write_list(&mut out, "explored", self.explored.iter().map(|route| (route.as_str(), None)));
+        write_list(&mut out, "failed", failed.iter().map(|(route, why)| (route.as_str(), Some(*why))));
+        write_list(&mut out, "skipped", self.skipped.iter().take(8).map(|s| (s.route.as_str(), Some(s.reason))));
         out
+    }
+}
+
+/// Appends `; name=route[:why],…` unless `items` is empty.
+fn write_list<'a>(out: &mut String, name: &str, items: impl Iterator<Item = (&'a str, Option<&'a str>)>) {
+    for (i, (route, why)) in items.enumerate() {
+        out.push_str(if i == 0 { "; " } else { "," });
+        if i == 0 {
+            out.push_str(name);
+            out.push('=');
+        }
+        out.push_str(route);
+        if let Some(why) = why {
+            out.push(':');
+            out.push_str(why);
+        }
     }
 }
