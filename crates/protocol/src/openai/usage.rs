@@ -171,51 +171,48 @@ impl<'de> Deserialize<'de> for Usage {
     }
 }
 
+/// Reads a `*_tokens_details` object: the one count it names, and the rest.
+struct DetailsVisitor<T> {
+    field: &'static str,
+    expecting: &'static str,
+    build: fn(Option<u64>, Extra) -> T,
+}
+
+impl<'de, T> Visitor<'de> for DetailsVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        let mut count = None;
+        let extra = read_object(map, |key, map| {
+            let named = key == self.field;
+            if named {
+                count = map.next_value()?;
+            }
+            Ok(named)
+        })?;
+        Ok((self.build)(count, extra))
+    }
+}
+
 impl<'de> Deserialize<'de> for PromptTokensDetails {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct DetailsVisitor;
-        impl<'de> Visitor<'de> for DetailsVisitor {
-            type Value = PromptTokensDetails;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a prompt_tokens_details object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PromptTokensDetails, A::Error> {
-                let mut cached_tokens = None;
-                let extra = read_object(map, |key, map| {
-                    let named = key == "cached_tokens";
-                    if named {
-                        cached_tokens = map.next_value()?;
-                    }
-                    Ok(named)
-                })?;
-                Ok(PromptTokensDetails { cached_tokens, extra })
-            }
-        }
-        deserializer.deserialize_map(DetailsVisitor)
+        deserializer.deserialize_map(DetailsVisitor {
+            field: "cached_tokens",
+            expecting: "a prompt_tokens_details object",
+            build: |cached_tokens, extra| PromptTokensDetails { cached_tokens, extra },
+        })
     }
 }
 
 impl<'de> Deserialize<'de> for CompletionTokensDetails {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct DetailsVisitor;
-        impl<'de> Visitor<'de> for DetailsVisitor {
-            type Value = CompletionTokensDetails;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a completion_tokens_details object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<CompletionTokensDetails, A::Error> {
-                let mut reasoning_tokens = None;
-                let extra = read_object(map, |key, map| {
-                    let named = key == "reasoning_tokens";
-                    if named {
-                        reasoning_tokens = map.next_value()?;
-                    }
-                    Ok(named)
-                })?;
-                Ok(CompletionTokensDetails { reasoning_tokens, extra })
-            }
-        }
-        deserializer.deserialize_map(DetailsVisitor)
+        deserializer.deserialize_map(DetailsVisitor {
+            field: "reasoning_tokens",
+            expecting: "a completion_tokens_details object",
+            build: |reasoning_tokens, extra| CompletionTokensDetails { reasoning_tokens, extra },
+        })
     }
 }
 
