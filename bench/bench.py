@@ -42,6 +42,13 @@ BIN = ROOT / "target" / "release"
 # The gateway under test; `--marga` (bench/run.sh: the profile-guided build) replaces it.
 MARGA = BIN / "marga"
 MASTER_KEY = "marga_mk_bench_0123456789abcdef"
+
+
+def use_binaries(directory):
+    """Takes `marga` and `mock-upstream` from `directory` (the scripts' `--bin`)."""
+    global BIN, MARGA
+    BIN = Path(directory)
+    MARGA = BIN / "marga"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = "please write a short answer about benchmarks and gateways today"
 

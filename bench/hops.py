@@ -142,7 +142,7 @@ def stream_options(ap, streams):
 def parse_stream_options(ap):
     """Parses them, points bench.py at the binaries, and stops what it starts at exit."""
     a = ap.parse_args()
-    bench.BIN = a.bin
+    bench.use_binaries(a.bin)
     atexit.register(bench.cleanup)
     return a
 

@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--requests", type=int, default=300, help="counted per workload")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
-    bench.BIN = a.bin
+    bench.use_binaries(a.bin)
     atexit.register(bench.cleanup)
     subprocess.Popen = mangled_valgrind(subprocess.Popen)
     cost = Counter()
