@@ -36,6 +36,8 @@ use crate::request_log::RequestLog;
 const DONE: &[u8] = b"data: [DONE]\n\n";
 /// Bytes reserved per event (a typical chunk's event is 150–250 bytes).
 const FRAME_CAPACITY: usize = 256;
+/// Bytes reserved for the generated text kept for counting (grown as needed).
+const TEXT_CAPACITY: usize = 512;
 
 pub type UpstreamStream<C> = Pin<Box<dyn Stream<Item = Result<C, ProviderError>> + Send>>;
 
@@ -228,7 +230,8 @@ pub fn relay<C: StreamChunk>(params: RelayParams<C>) -> impl Stream<Item = Resul
         upstream: params.opened.rest,
         usage_chunk: None,
         usage: None,
-        text: String::new(),
+        // Room for a short answer's text without growing it chunk by chunk.
+        text: String::with_capacity(TEXT_CAPACITY),
         finish: None,
         ttft_ms,
         idle_timeout: params.idle_timeout,
