@@ -4,7 +4,7 @@
 #   make test-rust cargo test --workspace (and the e2e suite on Postgres if MARGA_TEST_POSTGRES=1)
 #   make test-sdk  the Python tests in tests/sdk (official openai SDK against the real binary)
 #   make build     release build of marga and mock-upstream
-#   make build-pgo profile-guided marga (bench/pgo.sh): target/pgo/release/marga, for production
+#   make build-pgo profile-guided, BOLT-laid-out marga (bench/pgo.sh): target/pgo/marga, for production
 #   make serve     run the gateway (release): make serve ARGS="--listen 0.0.0.0:8080"
 #   make bench     bench/run.sh
 #   make lint      clippy on every target, warnings are errors

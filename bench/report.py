@@ -49,7 +49,8 @@ def render(rows):
       f"load average at start {m.get('load_avg_start')}")
     w(f"- tools: {meta.get('wrk')}; {meta.get('oha')}; {meta.get('nginx')}")
     if meta.get("marga"):
-        kind = {"target/pgo/release/marga": " (the profile-guided build, bench/pgo.sh)",
+        kind = {"target/pgo/marga": " (the profile-guided build with BOLT's layout when llvm-bolt was found, bench/pgo.sh)",
+                "target/pgo/release/marga": " (the profile-guided build, bench/pgo.sh)",
                 "target/release/marga": " (the plain release build, not profile-guided)"}.get(meta["marga"], "")
         w(f"- marga binary: `{meta['marga']}`{kind}")
     hot = meta.get("hot_functions")

@@ -8,9 +8,10 @@
 #   bench/run.sh --help              # every option (bench/bench.py)
 #
 # Installs what is missing (wrk and nginx-light from Debian, and Debian's llvm-N
-# for llvm-profdata; oha from crates.io, which compiles once for a few minutes),
-# builds the release binaries and the profile-guided marga (bench/pgo.sh; the
-# plain release build, said so in the report, if that cannot be built), then
+# for llvm-profdata and bolt-N for llvm-bolt; oha from crates.io, which compiles
+# once for a few minutes), builds the release binaries and the profile-guided,
+# BOLT-laid-out marga (bench/pgo.sh; the plain release build, said so in the
+# report, if that cannot be built), then
 # runs bench/bench.py. Everything listens on 127.0.0.1; every process started
 # here is stopped on exit. Results: bench/results/<timestamp>.{jsonl,md}.
 set -euo pipefail
@@ -65,17 +66,22 @@ echo "[bench] building release binaries" >&2
 cargo build --release -p marga-gateway -p mock-upstream >&2
 marga="$root/target/release/marga"
 if [ "$pgo" = 1 ]; then
+  llvm_major="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
+  if ! command -v "llvm-bolt-$llvm_major" >/dev/null && ! command -v llvm-bolt >/dev/null; then
+    # Optional: without it pgo.sh builds the profile-guided binary alone.
+    echo "[bench] installing bolt-$llvm_major for llvm-bolt (apt-get)" >&2
+    apt_install "bolt-$llvm_major" || echo "[bench] no bolt-$llvm_major: no BOLT layout" >&2
+  fi
   echo "[bench] building the profile-guided marga (bench/pgo.sh)" >&2
   status=0
   "$here/pgo.sh" >&2 || status=$?
   if [ "$status" = 2 ]; then  # no llvm-profdata of rustc's LLVM version: install Debian's
-    llvm_major="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
     echo "[bench] installing llvm-$llvm_major for llvm-profdata (apt-get)" >&2
     status=0
     { apt_install "llvm-$llvm_major" && "$here/pgo.sh" >&2; } || status=$?
   fi
   if [ "$status" = 0 ]; then
-    marga="$root/target/pgo/release/marga"
+    marga="$root/target/pgo/marga"
   else
     echo "[bench] the profile-guided build failed: measuring the plain release build" >&2
   fi
