@@ -1,31 +1,26 @@
 //! Token usage (`usage`), read from every upstream answer and written with Marga's `cost`.
-//!
-//! Its objects are read by hand rather than with `#[serde(flatten)]`, which buffers a whole
-//! object into serde's generic `Content` before reading a field of it: for the `usage` of
-//! every answer and every stream's last chunk, that cost more than the rest of its reading.
 //! Fields not named here are kept in `extra`, as everywhere in [`crate::openai`].
 
-use std::borrow::Cow;
-use std::fmt;
-
-use serde::de::{self, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::Extra;
 
 /// Token usage, with Marga's `cost` added on the way out.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
+    #[serde(default)]
     pub prompt_tokens: u64,
+    #[serde(default)]
     pub completion_tokens: u64,
+    #[serde(default)]
     pub total_tokens: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_tokens_details: Option<CompletionTokensDetails>,
     /// What the request cost the caller, in its organisation's currency (Marga writes it).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<ExactNumber>,
     #[serde(flatten)]
     pub extra: Extra,
@@ -50,17 +45,17 @@ impl Usage {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PromptTokensDetails {
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u64>,
     #[serde(flatten)]
     pub extra: Extra,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompletionTokensDetails {
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_tokens: Option<u64>,
     #[serde(flatten)]
     pub extra: Extra,
@@ -98,121 +93,6 @@ impl ExactNumber {
 impl PartialEq for ExactNumber {
     fn eq(&self, other: &Self) -> bool {
         self.0.get() == other.0.get()
-    }
-}
-
-/// An object key, borrowed from the input when it has no escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v)))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
-/// Reads an object's entries in order: `field` reads the value of a key the type names and
-/// returns true; any other entry goes to the returned [`Extra`].
-fn read_object<'de, A: MapAccess<'de>>(
-    mut map: A,
-    mut field: impl FnMut(&str, &mut A) -> Result<bool, A::Error>,
-) -> Result<Extra, A::Error> {
-    let mut extra = Extra::new();
-    while let Some(Key(key)) = map.next_key()? {
-        if !field(&key, &mut map)? {
-            let value: Value = map.next_value()?;
-            extra.insert(key.into_owned(), value);
-        }
-    }
-    Ok(extra)
-}
-
-impl<'de> Deserialize<'de> for Usage {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct UsageVisitor;
-        impl<'de> Visitor<'de> for UsageVisitor {
-            type Value = Usage;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a usage object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Usage, A::Error> {
-                let mut usage = Usage::default();
-                usage.extra = read_object(map, |key, map| {
-                    match key {
-                        "prompt_tokens" => usage.prompt_tokens = map.next_value()?,
-                        "completion_tokens" => usage.completion_tokens = map.next_value()?,
-                        "total_tokens" => usage.total_tokens = map.next_value()?,
-                        "prompt_tokens_details" => usage.prompt_tokens_details = map.next_value()?,
-                        "completion_tokens_details" => usage.completion_tokens_details = map.next_value()?,
-                        "cost" => usage.cost = map.next_value()?,
-                        _ => return Ok(false),
-                    }
-                    Ok(true)
-                })?;
-                Ok(usage)
-            }
-        }
-        deserializer.deserialize_map(UsageVisitor)
-    }
-}
-
-/// Reads a `*_tokens_details` object: the one count it names, and the rest.
-struct DetailsVisitor<T> {
-    field: &'static str,
-    expecting: &'static str,
-    build: fn(Option<u64>, Extra) -> T,
-}
-
-impl<'de, T> Visitor<'de> for DetailsVisitor<T> {
-    type Value = T;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(self.expecting)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-        let mut count = None;
-        let extra = read_object(map, |key, map| {
-            let named = key == self.field;
-            if named {
-                count = map.next_value()?;
-            }
-            Ok(named)
-        })?;
-        Ok((self.build)(count, extra))
-    }
-}
-
-impl<'de> Deserialize<'de> for PromptTokensDetails {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(DetailsVisitor {
-            field: "cached_tokens",
-            expecting: "a prompt_tokens_details object",
-            build: |cached_tokens, extra| PromptTokensDetails { cached_tokens, extra },
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for CompletionTokensDetails {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(DetailsVisitor {
-            field: "reasoning_tokens",
-            expecting: "a completion_tokens_details object",
-            build: |reasoning_tokens, extra| CompletionTokensDetails { reasoning_tokens, extra },
-        })
     }
 }
 
