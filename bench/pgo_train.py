@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Runs an instrumented `marga` (built with `-Cprofile-generate`, see bench/pgo.sh) through
-the work it does in production, so that the compiler can lay out and inline the optimised
-build for that work: whole and streamed chat completions over OpenAI-, Anthropic- and
-Gemini-kind upstreams, embeddings, legacy completions, a model with five routes, the model
-list, and the everyday errors (unknown model, malformed body, bad key). The set-up is the
+"""Runs an instrumented `marga` (built with `-Cprofile-generate`, or instrumented by BOLT;
+see bench/pgo.sh) through the work it does in production, so that the compiler (or BOLT) can
+lay out and inline the optimised build for that work: whole and streamed chat completions
+over OpenAI-, Anthropic- and Gemini-kind upstreams, embeddings, legacy completions, a model
+with five routes, the model list, and the everyday errors (unknown model, malformed body, bad key). The set-up is the
 benchmark's (bench.py): the mock upstream, its generated config, an organisation with credit
 and an inference key, so auth, admission, the credit lease, routing, the durable charge and
 the request log all run. Marga is then stopped with SIGTERM, and writes its profile as it
