@@ -221,4 +221,26 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert!(dropped.load(Ordering::SeqCst), "the body (the upstream connection) is dropped");
     }
+
+    #[tokio::test]
+    async fn a_body_error_comes_after_the_data_gathered_before_it_and_ends_the_stream() {
+        let frames: Vec<Result<Frame<Bytes>, &'static str>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"data: a\n\n"))),
+            Ok(Frame::data(Bytes::new())),
+            Ok(Frame::data(Bytes::from_static(b"data: b\n\n"))),
+            Err("connection reset"),
+        ];
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        let mut stream = Box::pin(coalesce(body));
+        assert_eq!(stream.next().await.unwrap().unwrap(), "data: a\n\ndata: b\n\n");
+        assert_eq!(stream.next().await.unwrap().unwrap_err(), "connection reset");
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_an_empty_stream() {
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(Bytes::new()))];
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        assert!(Box::pin(coalesce(body)).next().await.is_none());
+    }
 }
