@@ -10,6 +10,8 @@
 //! on that thread's runtime, so a request and its upstream call never wake another thread.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -247,39 +249,48 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
 /// The SSE events of a streamed response, its bytes read in batches of what arrived together
 /// ([`crate::coalesce`]) and decoded by [`marga_protocol::sse::Decoder`]; a transport error or
 /// an undecodable stream ends it with one `Err`.
-pub(crate) fn sse_events(
-    response: Reply,
-) -> impl Stream<Item = Result<Event, ProviderError>> + Send + 'static {
-    let state = SseState {
+pub(crate) fn sse_events(response: Reply) -> SseEvents {
+    SseEvents {
         body: Some(crate::coalesce::coalesce(response.into_body()).boxed()),
         decoder: Decoder::new(),
         ready: VecDeque::new(),
-    };
-    futures::stream::unfold(state, |mut state| async move {
+    }
+}
+
+/// The stream [`sse_events`] returns: the body (gone once it ended or failed), the decoder,
+/// and events decoded but not handed on yet. Written as a `Stream` by hand rather than with
+/// `unfold`, which moves its state into a new future and out again for every event.
+pub(crate) struct SseEvents {
+    body: Option<futures::stream::BoxStream<'static, Result<Bytes, hyper::Error>>>,
+    decoder: Decoder,
+    ready: VecDeque<Event>,
+}
+
+impl Stream for SseEvents {
+    type Item = Result<Event, ProviderError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
         loop {
-            if let Some(event) = state.ready.pop_front() {
-                return Some((Ok(event), state));
+            if let Some(event) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(event)));
             }
-            let failure = match state.body.as_mut()?.next().await {
-                None => return None,
-                Some(Ok(bytes)) => match state.decoder.push(&bytes, &mut state.ready) {
+            let Some(body) = this.body.as_mut() else { return Poll::Ready(None) };
+            let failure = match ready!(body.poll_next_unpin(cx)) {
+                None => {
+                    this.body = None;
+                    return Poll::Ready(None);
+                }
+                Some(Ok(bytes)) => match this.decoder.push(&bytes, &mut this.ready) {
                     Ok(()) => continue,
                     Err(e) => ProviderError::new(ErrorKind::StreamInterrupted, "upstream stream was undecodable").with_source(e),
                 },
                 Some(Err(e)) => ProviderError::from_body(e),
             };
-            state.body = None;
-            return Some((Err(failure), state));
+            this.body = None;
+            return Poll::Ready(Some(Err(failure)));
         }
-    })
-}
-
-/// The state of [`sse_events`]: the body (gone after an error), the decoder, and events
-/// decoded but not handed on yet.
-struct SseState {
-    body: Option<futures::stream::BoxStream<'static, Result<Bytes, hyper::Error>>>,
-    decoder: Decoder,
-    ready: VecDeque<Event>,
+    }
 }
 
 /// An in-band error event inside a stream (the upstream's own message, trimmed).

@@ -2,8 +2,11 @@
 //! Sarvam, OpenRouter, vLLM, Ollama, llama.cpp…). Bodies go out as the client sent them, with
 //! the upstream's model name written in; unknown parameters pass through untouched.
 
-use marga_protocol::sse::Event;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use futures::{Stream, StreamExt};
+use marga_protocol::sse::Event;
 use marga_protocol::answer::ChatAnswer;
 use marga_protocol::relayed::ChatChunk;
 use marga_protocol::openai::{
@@ -167,14 +170,29 @@ fn decode_stream<T: Send + 'static>(
     parse: fn(String) -> Result<T, serde_json::Error>,
     finished: fn(&T) -> bool,
 ) -> impl Stream<Item = Result<T, ProviderError>> + Send + 'static {
-    let events = http::sse_events(response).boxed();
-    futures::stream::unfold(Some((events, false)), move |state| async move {
-        let (mut events, mut seen_finish) = state?;
+    Decoding { events: Some(http::sse_events(response)), seen_finish: false, parse, finished }
+}
+
+/// The stream [`decode_stream`] returns; `events` is gone once the stream ended. Written by
+/// hand rather than with `unfold`, which moves its state in and out of a future per event.
+struct Decoding<T> {
+    events: Option<http::SseEvents>,
+    seen_finish: bool,
+    parse: fn(String) -> Result<T, serde_json::Error>,
+    finished: fn(&T) -> bool,
+}
+
+impl<T> Stream for Decoding<T> {
+    type Item = Result<T, ProviderError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
         loop {
-            let decoded = match events.next().await {
-                Some(Ok(event)) => decode_event(event, parse),
+            let Some(events) = this.events.as_mut() else { return Poll::Ready(None) };
+            let decoded = match ready!(events.poll_next_unpin(cx)) {
+                Some(Ok(event)) => decode_event(event, this.parse),
                 Some(Err(e)) => Decoded::Fail(e),
-                None if seen_finish => Decoded::Done,
+                None if this.seen_finish => Decoded::Done,
                 None => Decoded::Fail(ProviderError::new(
                     ErrorKind::StreamInterrupted,
                     "the upstream closed the stream before it finished",
@@ -183,14 +201,20 @@ fn decode_stream<T: Send + 'static>(
             match decoded {
                 Decoded::Skip => continue,
                 Decoded::Chunk(chunk) => {
-                    seen_finish |= finished(&chunk);
-                    return Some((Ok(chunk), Some((events, seen_finish))));
+                    this.seen_finish |= (this.finished)(&chunk);
+                    return Poll::Ready(Some(Ok(chunk)));
                 }
-                Decoded::Done => return None,
-                Decoded::Fail(e) => return Some((Err(e), None)),
+                Decoded::Done => {
+                    this.events = None;
+                    return Poll::Ready(None);
+                }
+                Decoded::Fail(e) => {
+                    this.events = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
             }
         }
-    })
+    }
 }
 
 fn chat_chunk_finished(chunk: &ChatChunk) -> bool {
