@@ -15,6 +15,10 @@
 //! queue between the task and its reader holds one batch, so a slow client still slows the
 //! upstream down (backpressure is kept), and a reader that goes away (a client that
 //! disconnects) ends the task and drops the body, which closes the upstream connection.
+//!
+//! Reading the body in the relaying task itself, without this task, was measured and costs
+//! more: each requeue then goes back out through the whole server connection and in again
+//! (BENCHMARKS.md, stop 25).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,9 +38,9 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Send + 'static,
 {
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, mut rx) = mpsc::channel(1);
     tokio::spawn(pump(body, tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Reads `body` until it ends, fails or nobody reads `tx` any more.
