@@ -331,6 +331,21 @@ pub enum FinishReason {
     Other(String),
 }
 
+impl FinishReason {
+    /// The reason as it is written on the wire (what serde writes, without the quotes).
+    pub fn as_str(&self) -> &str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::FunctionCall => "function_call",
+            FinishReason::Error => "error",
+            FinishReason::Other(other) => other,
+        }
+    }
+}
+
 // === Chat stream ===
 
 /// One `chat.completion.chunk` event of a stream.
@@ -644,4 +659,20 @@ pub struct ErrorBody {
     /// BatchRouter's structured details (`{"preflight": [...]}` on a refused batch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::FinishReason;
+
+    #[test]
+    fn a_finish_reason_as_str_is_what_serde_writes() {
+        for text in ["stop", "length", "tool_calls", "content_filter", "function_call", "error", "end_turn"] {
+            let reason: FinishReason = serde_json::from_str(&format!("\"{text}\"")).unwrap();
+            assert_eq!(reason.as_str(), text);
+            assert_eq!(serde_json::to_value(&reason).unwrap(), text);
+        }
+        assert_eq!(serde_json::from_str::<FinishReason>("\"end_turn\"").unwrap(), FinishReason::Other("end_turn".into()));
+    }
 }

@@ -307,7 +307,7 @@ async fn charge(
     });
     let price = route.batch_price.as_ref().unwrap_or(&route.price);
     let cost = settle_at(&mut ctx, price, &mut usage).await?;
-    let finish = response.choices.first().and_then(|c| serde_json::to_value(&c.finish_reason).ok()).and_then(|v| v.as_str().map(str::to_owned));
+    let finish = response.choices.first().and_then(|c| c.finish_reason.as_ref()).map(|reason| reason.as_str().to_owned());
     let outcome = Outcome {
         status: "success",
         http_status: 200,

@@ -51,7 +51,7 @@ pub(crate) fn validate_sampling(temperature: Option<f64>, top_p: Option<f64>, n:
 }
 
 fn finish_reason_text(reason: Option<&FinishReason>) -> Option<String> {
-    reason.and_then(|f| serde_json::to_value(f).ok()).and_then(|v| v.as_str().map(str::to_owned))
+    reason.map(|reason| reason.as_str().to_owned())
 }
 
 /// Settles a whole (non-streamed) answer — its charge is durable before anyone sees it —

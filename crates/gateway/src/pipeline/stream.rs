@@ -261,7 +261,7 @@ impl<C: StreamChunk> Relay<C> {
             self.text.push_str(text);
         }
         if let Some(reason) = chunk.finish_reason() {
-            self.finish = serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(str::to_owned));
+            self.finish = Some(reason.as_str().to_owned());
         }
     }
 
