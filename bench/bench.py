@@ -206,6 +206,12 @@ def marga_config(mocks, routes5):
     for name, base in mocks.items():
         lines += [f"[providers.{name}]", 'kind = "openai"', f'base_url = "{base}/v1"',
                   'api_key = "x"', 'region = "US"', ""]
+    # The fast mock also speaks Anthropic's and Gemini's protocols: the same chat and stream
+    # through the translating adapters (not in the default workloads; instructions.py's
+    # `*-anthropic` and `*-gemini` workloads use them).
+    for kind, suffix in (("anthropic", "v1"), ("gemini", "v1beta")):
+        lines += [f"[providers.mock{kind}]", f'kind = "{kind}"', f'base_url = "{mocks["mock"]}/{suffix}"',
+                  'api_key = "x"', 'region = "US"', ""]
     # Extra provider ids on the fast mock, for the many-routes model.
     for i in range(2, routes5 + 1):
         lines += [f"[providers.mock{i}]", 'kind = "openai"', f'base_url = "{mocks["mock"]}/v1"',
@@ -221,6 +227,8 @@ def marga_config(mocks, routes5):
     lines += model("bench/embed", ["mock"], "embedding")
     lines += model("bench/stream", ["mockstream"])
     lines += model("bench/slow", ["mockslow"])
+    lines += model("bench/chat-anthropic", ["mockanthropic"])
+    lines += model("bench/chat-gemini", ["mockgemini"])
     lines += model("bench/chat5", ["mock"] + [f"mock{i}" for i in range(2, routes5 + 1)])
     return "\n".join(lines)
 
@@ -351,6 +359,10 @@ def bodies(tmp):
             "stream": stream and {"model": stream, "messages": [{"role": "user", "content": PROMPT}],
                                   "stream": True, "stream_options": {"include_usage": True}},
         }
+        if target == "marga":
+            for kind in ("anthropic", "gemini"):
+                specs[f"chat-{kind}"] = dict(specs["chat"], model=f"bench/chat-{kind}")
+                specs[f"stream-{kind}"] = dict(specs["stream"], model=f"bench/chat-{kind}")
         for wl, body in specs.items():
             if body:
                 path = tmp / f"body-{target}-{wl}.json"
@@ -360,7 +372,9 @@ def bodies(tmp):
 
 
 PATHS = {"chat": "/v1/chat/completions", "embed": "/v1/embeddings", "embed1536": "/v1/embeddings",
-         "stream": "/v1/chat/completions"}
+         "stream": "/v1/chat/completions", "chat-anthropic": "/v1/chat/completions",
+         "stream-anthropic": "/v1/chat/completions", "chat-gemini": "/v1/chat/completions",
+         "stream-gemini": "/v1/chat/completions"}
 
 
 def run_wrk(url, body, auth, seconds, conns, threads, cpus):

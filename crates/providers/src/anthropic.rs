@@ -9,21 +9,21 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use marga_protocol::sse::Event;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use marga_protocol::anthropic::{
     from_messages_response, to_messages_request, MessagesRequest, MessagesResponse, StreamStep, StreamTranslator,
     API_VERSION,
 };
 use marga_protocol::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, EmbeddingRequest, EmbeddingResponse,
+    ChatCompletionRequest, EmbeddingRequest, EmbeddingResponse,
 };
 use marga_protocol::ConvertError;
 
-use crate::http::{self, Outgoing, Reply, Step};
+use crate::http::{self, Outgoing, Reply};
+use crate::translated::{translated, Step, Translate};
 use ::http::header::{HeaderName, HeaderValue, ACCEPT};
 use ::http::{Method, Uri};
 use marga_protocol::answer::ChatAnswer;
-use marga_protocol::relayed::ChatChunk;
 
 use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
 
@@ -110,44 +110,25 @@ pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// One decoded chunk, flagged when it is the last of the stream (the usage chunk).
-type Decoded = (ChatCompletionChunk, bool);
-
-/// Feeds one SSE event to the translator.
-fn decode_event(translator: &mut StreamTranslator, event: &Event) -> Step<Decoded> {
-    match translator.push(&event.event, &event.data) {
-        StreamStep::Chunks(chunks) => {
-            let done = translator.is_done();
-            let last = chunks.len().saturating_sub(1);
-            Step::Items(chunks.into_iter().enumerate().map(|(i, c)| (c, done && i == last)).collect())
-        }
-        StreamStep::Done => Step::Done,
-        StreamStep::Error { kind, message } if kind == "malformed" => {
-            Step::Fail(ProviderError::new(ErrorKind::Malformed, message))
-        }
-        StreamStep::Error { .. } => Step::Fail(http::in_band_error(&event.data)),
-    }
-}
-
-/// Ends the stream right after its last chunk, and turns an upstream that closes before
-/// `message_stop` into a `StreamInterrupted` error.
-fn until_last(
-    decoded: impl Stream<Item = Result<Decoded, ProviderError>> + Send + 'static,
-) -> impl Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send + 'static {
-    futures::stream::unfold((decoded.boxed(), false), |(mut decoded, ended)| async move {
-        if ended {
-            return None;
-        }
-        let (item, ended) = match decoded.next().await {
-            Some(Ok((chunk, last))) => (Ok(chunk), last),
-            Some(Err(e)) => (Err(e), true),
-            None => {
-                let message = "the upstream closed the stream before message_stop";
-                (Err(ProviderError::new(ErrorKind::StreamInterrupted, message)), true)
+/// An Anthropic stream's translator as [`translated`] drives it: the stream ends right after
+/// the usage chunk that `message_stop` gives, and an upstream that closes before
+/// `message_stop` ends it with a `StreamInterrupted` error.
+impl Translate for StreamTranslator {
+    fn event(&mut self, event: &Event) -> Step {
+        match self.push(&event.event, &event.data) {
+            StreamStep::Chunks(chunks) if self.is_done() => Step::Last(chunks),
+            StreamStep::Chunks(chunks) => Step::Chunks(chunks),
+            StreamStep::Done => Step::Last(Vec::new()),
+            StreamStep::Error { kind, message } if kind == "malformed" => {
+                Step::Fail(ProviderError::new(ErrorKind::Malformed, message))
             }
-        };
-        Some((item, (decoded, ended)))
-    })
+            StreamStep::Error { .. } => Step::Fail(http::in_band_error(&event.data)),
+        }
+    }
+
+    fn closed(&mut self) -> Step {
+        Step::Fail(ProviderError::new(ErrorKind::StreamInterrupted, "the upstream closed the stream before message_stop"))
+    }
 }
 
 impl Provider for AnthropicProvider {
@@ -176,9 +157,7 @@ impl Provider for AnthropicProvider {
     ) -> BoxFuture<'a, Result<ChunkStream, ProviderError>> {
         Box::pin(async move {
             let response = self.send(call, true).await?;
-            let mut translator = StreamTranslator::new(unix_now());
-            let decoded = http::decode_sse(response, move |event| decode_event(&mut translator, &event));
-            Ok(until_last(decoded).map(|chunk| chunk.map(ChatChunk::from)).boxed() as ChunkStream)
+            Ok(translated(response, StreamTranslator::new(unix_now())).boxed() as ChunkStream)
         })
     }
 

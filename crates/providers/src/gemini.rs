@@ -11,20 +11,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use marga_protocol::sse::Event;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use marga_protocol::gemini::{self, BatchEmbedContentsResponse, GenerateContentResponse, StreamStep, StreamTranslator};
 use marga_protocol::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, EmbeddingInput, EmbeddingRequest,
+    ChatCompletionRequest, ChatCompletionResponse, EmbeddingInput, EmbeddingRequest,
     EmbeddingResponse,
 };
 use marga_protocol::ConvertError;
 use serde::Serialize;
 
-use crate::http::{self, Reply, Step};
+use crate::http::{self, Reply};
+use crate::translated::{translated, Step, Translate};
 use ::http::header::{HeaderName, HeaderValue, ACCEPT};
 use ::http::Method;
 use marga_protocol::answer::ChatAnswer;
-use marga_protocol::relayed::ChatChunk;
 
 use crate::{BoxFuture, Call, ChunkStream, ErrorKind, Provider, ProviderError, ProviderKind, ProviderSettings};
 
@@ -77,7 +77,7 @@ impl GeminiProvider {
         let body = gemini::to_generate_content(call.request).map_err(convert_error)?;
         let response = self.post(call.upstream_model, "streamGenerateContent?alt=sse", call.api_key, &body).await?;
         let translator = StreamTranslator::new(call.upstream_model, unix_now(), completion_id(None));
-        Ok(translate_stream(http::sse_events(response), translator).map(|chunk| chunk.map(ChatChunk::from)).boxed())
+        Ok(translated(response, translator).boxed())
     }
 
     async fn embed(&self, call: Call<'_, EmbeddingRequest>) -> Result<EmbeddingResponse, ProviderError> {
@@ -95,42 +95,22 @@ impl GeminiProvider {
     }
 }
 
-/// The chunks of a Gemini SSE stream. The translator is owned by the stream state; when the
-/// events end cleanly its `finish()` chunks follow, while an error (transport or in-band) is
-/// yielded last, with nothing after it.
-fn translate_stream(
-    events: impl Stream<Item = Result<Event, ProviderError>> + Send + 'static,
-    translator: StreamTranslator,
-) -> impl Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send + 'static {
-    let state = Some((events.boxed(), translator));
-    futures::stream::unfold(state, |state| async move {
-        let (mut events, mut translator) = state?;
-        let items = match events.next().await {
-            Some(Ok(event)) => match decode_event(&mut translator, &event) {
-                Step::Items(chunks) => chunks.into_iter().map(Ok).collect(),
-                Step::Fail(error) => return Some((vec![Err(error)], None)),
-                Step::Done => return Some((finish(&mut translator), None)),
-            },
-            Some(Err(error)) => return Some((vec![Err(error)], None)),
-            None => return Some((finish(&mut translator), None)),
-        };
-        Some((items, Some((events, translator))))
-    })
-    .flat_map(futures::stream::iter)
-}
-
-fn finish(translator: &mut StreamTranslator) -> Vec<Result<ChatCompletionChunk, ProviderError>> {
-    translator.finish().into_iter().map(Ok).collect()
-}
-
-/// One SSE event through the translator.
-fn decode_event(translator: &mut StreamTranslator, event: &Event) -> Step<ChatCompletionChunk> {
-    match translator.push(&event.data) {
-        StreamStep::Chunks(chunks) => Step::Items(chunks),
-        StreamStep::Error { message, kind } if kind == "malformed" => {
-            Step::Fail(ProviderError::new(ErrorKind::Malformed, message))
+/// A Gemini stream's translator as [`translated`] drives it: when the events end cleanly its
+/// `finish()` chunks follow, while an error (transport or in-band) is yielded last, with nothing
+/// after it.
+impl Translate for StreamTranslator {
+    fn event(&mut self, event: &Event) -> Step {
+        match self.push(&event.data) {
+            StreamStep::Chunks(chunks) => Step::Chunks(chunks),
+            StreamStep::Error { message, kind } if kind == "malformed" => {
+                Step::Fail(ProviderError::new(ErrorKind::Malformed, message))
+            }
+            StreamStep::Error { .. } => Step::Fail(http::in_band_error(&event.data)),
         }
-        StreamStep::Error { .. } => Step::Fail(http::in_band_error(&event.data)),
+    }
+
+    fn closed(&mut self) -> Step {
+        Step::Last(self.finish())
     }
 }
 

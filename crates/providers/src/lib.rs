@@ -22,6 +22,7 @@ mod http;
 pub mod openai;
 mod openai_batch;
 pub mod sandbox;
+mod translated;
 
 use std::future::Future;
 use std::pin::Pin;

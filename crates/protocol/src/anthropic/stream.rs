@@ -4,8 +4,10 @@
 //! tool call and `reasoning` chunks; `message_delta` gives the finish reason; `message_stop`
 //! gives a final usage chunk (`choices: []`) and finishes the translator.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::response::{finish_reason, openai_usage};
@@ -79,7 +81,7 @@ impl StreamTranslator {
         if event == "error" {
             return error_step(data);
         }
-        match serde_json::from_str::<StreamEvent>(data) {
+        match parse_event(event, data) {
             Ok(parsed) => self.apply(parsed),
             Err(e) => StreamStep::Error {
                 message: format!("malformed Anthropic stream event: {e}"),
@@ -200,6 +202,59 @@ impl StreamTranslator {
 }
 
 /// An `error` event: the upstream's message and error type, read leniently.
+/// Reads an event's data. A `content_block_delta` (the bulk of every stream) is read into plain
+/// structs first: the internally tagged [`StreamEvent`] and [`BlockDelta`] buffer every field
+/// before they choose a variant, which cost about as much as the rest of the event's
+/// translation. Whatever the plain reading does not take (another event or delta type, a field
+/// of the wrong type) goes through the enums as before, so the result is the same.
+fn parse_event(event: &str, data: &str) -> Result<StreamEvent, serde_json::Error> {
+    if event == "content_block_delta" {
+        if let Some(delta) = serde_json::from_str::<PlainDelta<'_>>(data).ok().and_then(PlainDelta::into_event) {
+            return Ok(delta);
+        }
+    }
+    serde_json::from_str(data)
+}
+
+/// A `content_block_delta` event's data, without the enums' buffering (see [`parse_event`]).
+#[derive(Deserialize)]
+struct PlainDelta<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    index: u32,
+    #[serde(borrow)]
+    delta: PlainBlockDelta<'a>,
+}
+
+#[derive(Deserialize)]
+struct PlainBlockDelta<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    partial_json: Option<String>,
+    #[serde(default)]
+    thinking: Option<String>,
+}
+
+impl PlainDelta<'_> {
+    /// The event, when it is one of the delta types read here with its field.
+    fn into_event(self) -> Option<StreamEvent> {
+        if self.kind != "content_block_delta" {
+            return None;
+        }
+        let fields = self.delta;
+        let delta = match &*fields.kind {
+            "text_delta" => BlockDelta::TextDelta { text: fields.text? },
+            "input_json_delta" => BlockDelta::InputJsonDelta { partial_json: fields.partial_json? },
+            "thinking_delta" => BlockDelta::ThinkingDelta { thinking: fields.thinking? },
+            _ => return None,
+        };
+        Some(StreamEvent::ContentBlockDelta { index: self.index, delta })
+    }
+}
+
 fn error_step(data: &str) -> StreamStep {
     let parsed: Option<Value> = serde_json::from_str(data).ok();
     let field = |name: &str| {
@@ -213,5 +268,46 @@ fn error_step(data: &str) -> StreamStep {
     StreamStep::Error {
         message: field("message").unwrap_or_else(|| "the upstream stream reported an error".to_owned()),
         kind: field("type").unwrap_or_else(|| "error".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_delta_event_reads_as_the_enums_read_it() {
+        let cases = [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            r#"{"index":2,"delta":{"text":"a\"b\u00e9","type":"text_delta"},"type":"content_block_delta"}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\":"}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hm"}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"s"}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"citations_delta","citation":{}}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x","extra":[1]}}"#,
+            // The data's type decides, whatever the event's name says.
+            r#"{"type":"content_block_stop","index":0}"#,
+            r#"{"type":"ping"}"#,
+        ];
+        for data in cases {
+            let enums: StreamEvent = serde_json::from_str(data).unwrap();
+            assert_eq!(parse_event("content_block_delta", data).unwrap(), enums, "{data}");
+        }
+    }
+
+    #[test]
+    fn a_delta_event_the_enums_refuse_is_refused() {
+        for data in [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":null}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta"}}"#,
+            r#"{"type":"content_block_delta","index":-1,"delta":{"type":"text_delta","text":"x"}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x","text":"y"}}"#,
+            r#"{"type":"content_block_delta","index":0"#,
+        ] {
+            assert!(serde_json::from_str::<StreamEvent>(data).is_err(), "{data}");
+            assert!(parse_event("content_block_delta", data).is_err(), "{data}");
+        }
     }
 }

@@ -83,16 +83,14 @@ impl StreamTranslator {
         if data.is_empty() {
             return StreamStep::Chunks(Vec::new());
         }
-        let value: Value = match serde_json::from_str(data) {
-            Ok(value) => value,
-            Err(e) => return malformed(&e),
-        };
-        if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
-            return in_band_error(error);
-        }
-        match serde_json::from_value::<GenerateContentResponse>(value) {
-            Ok(response) => StreamStep::Chunks(self.translate(response)),
-            Err(e) => malformed(&e),
+        // Read straight into the typed response (an in-band `error` lands in its `extra`):
+        // through a `Value` first, every event cost about twice as much.
+        match serde_json::from_str::<GenerateContentResponse>(data) {
+            Ok(mut response) => match response.extra.remove("error").filter(|e| !e.is_null()) {
+                Some(error) => in_band_error(&error),
+                None => StreamStep::Chunks(self.translate(response)),
+            },
+            Err(typed) => in_band_error_or_malformed(data, &typed),
         }
     }
 
@@ -198,6 +196,18 @@ fn malformed(error: &serde_json::Error) -> StreamStep {
     StreamStep::Error { message: format!("malformed Gemini stream event: {error}"), kind: "malformed".to_owned() }
 }
 
+/// An event that is not a response: an in-band error whose other fields do not fit the
+/// response either, else malformed (with the JSON error when it is not JSON at all).
+fn in_band_error_or_malformed(data: &str, typed: &serde_json::Error) -> StreamStep {
+    match serde_json::from_str::<Value>(data) {
+        Ok(value) => match value.get("error").filter(|e| !e.is_null()) {
+            Some(error) => in_band_error(error),
+            None => malformed(typed),
+        },
+        Err(e) => malformed(&e),
+    }
+}
+
 /// `{"error": {"code", "message", "status"}}` sent in the stream.
 fn in_band_error(error: &Value) -> StreamStep {
     let message = match error {
@@ -206,4 +216,40 @@ fn in_band_error(error: &Value) -> StreamStep {
     };
     let kind = error.get("status").and_then(Value::as_str).unwrap_or("error").to_owned();
     StreamStep::Error { message, kind }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn push(data: &str) -> StreamStep {
+        StreamTranslator::new("m", 0, "id".to_owned()).push(data)
+    }
+
+    #[test]
+    fn an_error_event_is_an_error_whatever_else_it_carries() {
+        let error = r#"{"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}"#;
+        let expected = StreamStep::Error { message: "overloaded".to_owned(), kind: "UNAVAILABLE".to_owned() };
+        assert_eq!(push(&format!(r#"{{"error": {error}}}"#)), expected);
+        assert_eq!(push(&format!(r#"{{"candidates": [], "error": {error}}}"#)), expected);
+        // Fields that do not fit a response do not hide the error.
+        assert_eq!(push(&format!(r#"{{"candidates": "none", "error": {error}}}"#)), expected);
+    }
+
+    #[test]
+    fn a_null_error_is_no_error() {
+        let step = push(r#"{"error": null, "candidates": [{"content": {"parts": [{"text": "Hi"}]}, "index": 0}]}"#);
+        let StreamStep::Chunks(chunks) = step else { panic!("{step:?}") };
+        assert_eq!(chunks[0].choices[0].delta.content.as_deref(), Some("Hi"));
+    }
+
+    #[test]
+    fn json_that_is_not_a_response_is_malformed() {
+        for data in [r#"[1, 2]"#, r#"{"candidates": "none"}"#, r#"{"candidates": ["#] {
+            let step = push(data);
+            assert!(matches!(&step, StreamStep::Error { kind, .. } if kind == "malformed"), "{data}: {step:?}");
+        }
+    }
 }
