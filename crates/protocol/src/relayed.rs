@@ -93,14 +93,44 @@ impl ChatChunk {
                 relayed.write_json(identity, out);
                 Ok(())
             }
-            ChatChunk::Parsed(mut chunk) => {
-                identity.id.clone_into(&mut chunk.id);
-                identity.model.clone_into(&mut chunk.model);
-                serde_json::to_writer(out, &chunk)
-            }
+            ChatChunk::Parsed(chunk) => write_parsed(&chunk, identity, out),
         }
     }
 }
+
+/// A typed chunk's JSON with the gateway's `id` and `model`, field for field as serde writes
+/// the chunk with them set, but with the two strings (and the usual `object`) copied as they
+/// are already written rather than escaped again for every chunk of a translated stream.
+fn write_parsed(chunk: &ChatCompletionChunk, identity: &Identity, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(identity.id_json.as_bytes());
+    if chunk.object == CHUNK_OBJECT {
+        out.extend_from_slice(b",\"object\":\"chat.completion.chunk\"");
+    } else {
+        out.extend_from_slice(b",\"object\":");
+        serde_json::to_writer(&mut *out, &chunk.object)?;
+    }
+    out.extend_from_slice(b",\"created\":");
+    serde_json::to_writer(&mut *out, &chunk.created)?;
+    out.extend_from_slice(b",\"model\":");
+    out.extend_from_slice(identity.model_json.as_bytes());
+    out.extend_from_slice(b",\"choices\":");
+    serde_json::to_writer(&mut *out, &chunk.choices)?;
+    if let Some(usage) = &chunk.usage {
+        out.extend_from_slice(b",\"usage\":");
+        serde_json::to_writer(&mut *out, usage)?;
+    }
+    for (key, value) in &chunk.extra {
+        out.push(b',');
+        serde_json::to_writer(&mut *out, key)?;
+        out.push(b':');
+        serde_json::to_writer(&mut *out, value)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+const CHUNK_OBJECT: &str = "chat.completion.chunk";
 
 /// The `id` and `model` every chunk of a relayed stream carries, also as JSON strings.
 #[derive(Clone, Debug, PartialEq)]
@@ -317,6 +347,30 @@ mod tests {
             assert_eq!(relayed.text(), parsed.text(), "{case}");
             assert_eq!(relayed.finish_reason(), parsed.finish_reason(), "{case}");
             assert_eq!(written(relayed), written(parsed), "{case}");
+        }
+    }
+
+    #[test]
+    fn a_typed_chunk_is_written_as_serde_writes_it_with_marga_identity() {
+        let identity = Identity::new("gen-\"1\"", "team/m\u{e9}del");
+        let cases = [
+            json!({"id": "a", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": "x\n"}, "finish_reason": null}]}),
+            json!({"id": "a", "object": "chat.completion.chunk", "created": 17_000_000_000_u64, "model": "m", "choices": [],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, "vendor": {"z": 1}, "a": null}),
+            json!({"id": "a", "object": "something.else", "created": 0, "model": "m",
+                   "choices": [{"index": 1, "delta": {"tool_calls": [{"index": 0, "id": "c", "type": "function",
+                     "function": {"name": "f", "arguments": "{}"}}], "reasoning": "r"}, "finish_reason": "tool_calls",
+                     "logprobs": {"content": []}, "custom": 2}]}),
+            json!({"id": "a", "created": 5, "model": "m"}),
+        ];
+        for case in cases {
+            let mut chunk: ChatCompletionChunk = serde_json::from_value(case.clone()).unwrap();
+            let mut out = Vec::new();
+            ChatChunk::Parsed(chunk.clone()).write_json(&identity, &mut out).unwrap();
+            chunk.id = identity.id().to_owned();
+            chunk.model = identity.model().to_owned();
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&chunk).unwrap(), "{case}");
         }
     }
 
