@@ -12,6 +12,7 @@ packets' kernel timestamps, per stream (p50 and p90 over the streams, in µs):
   upstream      the gateway's request → the upstream's first bytes back (the mock's share)
   relay hop     the upstream's first content event (the first one sent after the delay)
                 → the gateway writes to the client (hold released, event relayed)
+  next event    the same for the event after it (the stream already under way)
 
 Nothing in the gateway or the client is instrumented, and the two gateways are measured the
 same way, so their hops compare directly. Each hop starts with the gateway asleep (the
@@ -100,6 +101,10 @@ def streams(pkts, gateway_port, upstream_port, delay_s):
             cur["content"] = t
         elif src == gateway_port and "content" in cur and "relayed" not in cur:
             cur["relayed"] = t
+        elif src == upstream_port and "relayed" in cur and "next" not in cur and t - cur["content"] > delay_s / 4:
+            cur["next"] = t
+        elif src == gateway_port and "next" in cur and "next relayed" not in cur:
+            cur["next relayed"] = t
     return found
 
 
@@ -126,7 +131,8 @@ def measure(target, streams_count, delay_ms, pause):
     dump.wait()
     found = streams(packets(pcap), gateway_port, upstream_port, delay_ms / 1000)
     print(f"{target:6s} {len(found):4d} streams   request hop {hop(found, 'arrived', 'forwarded')}   "
-          f"upstream {hop(found, 'forwarded', 'answered')}   relay hop {hop(found, 'content', 'relayed')}   (p50 / p90 µs)")
+          f"upstream {hop(found, 'forwarded', 'answered')}   relay hop {hop(found, 'content', 'relayed')}   "
+          f"next event {hop(found, 'next', 'next relayed')}   (p50 / p90 µs)")
     bench.cleanup()
     bench.PROCS.clear()
 

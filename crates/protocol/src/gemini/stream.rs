@@ -220,7 +220,7 @@ fn in_band_error(error: &Value) -> StreamStep {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
 
     use super::*;
 
