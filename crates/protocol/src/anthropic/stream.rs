@@ -297,6 +297,45 @@ mod tests {
         }
     }
 
+    use proptest::prelude::Strategy;
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            "[a-z\"\\\\é]{0,6}".prop_map(Value::from),
+            Just(serde_json::json!({"a": [1]})),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        #[test]
+        fn the_plain_reading_agrees_with_the_enums_on_any_delta_event(
+            kind in proptest::sample::select(vec!["content_block_delta", "content_block_stop", "ping", "x"]),
+            delta_kind in proptest::sample::select(vec!["text_delta", "input_json_delta", "thinking_delta", "signature_delta", "y"]),
+            index in proptest::prop_oneof![3 => (0..4_u32).prop_map(Value::from), 1 => arb_value()],
+            fields in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["text", "partial_json", "thinking", "signature", "other"]),
+                    proptest::prop_oneof![3 => "[a-z\"é]{0,4}".prop_map(Value::from), 1 => arb_value()],
+                ),
+                0..4,
+            ),
+        ) {
+            let mut delta = serde_json::Map::new();
+            delta.insert("type".to_owned(), Value::from(delta_kind));
+            for (name, value) in fields {
+                delta.insert(name.to_owned(), value);
+            }
+            let data = serde_json::json!({"type": kind, "index": index, "delta": delta}).to_string();
+            let enums = serde_json::from_str::<StreamEvent>(&data).ok();
+            proptest::prop_assert_eq!(parse_event("content_block_delta", &data).ok(), enums, "{}", data);
+        }
+    }
+
     #[test]
     fn a_delta_event_the_enums_refuse_is_refused() {
         for data in [
