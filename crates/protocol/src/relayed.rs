@@ -102,25 +102,27 @@ impl ChatChunk {
 /// the chunk with them set, but with the two strings (and the usual `object`) copied as they
 /// are already written rather than escaped again for every chunk of a translated stream.
 fn write_parsed(chunk: &ChatCompletionChunk, identity: &Identity, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    // Every field named: a field added to the chunk type fails to compile here, not to be sent.
+    let ChatCompletionChunk { id: _, object, created, model: _, choices, usage, extra } = chunk;
     out.extend_from_slice(b"{\"id\":");
     out.extend_from_slice(identity.id_json.as_bytes());
-    if chunk.object == CHUNK_OBJECT {
+    if object == CHUNK_OBJECT {
         out.extend_from_slice(b",\"object\":\"chat.completion.chunk\"");
     } else {
         out.extend_from_slice(b",\"object\":");
-        serde_json::to_writer(&mut *out, &chunk.object)?;
+        serde_json::to_writer(&mut *out, object)?;
     }
     out.extend_from_slice(b",\"created\":");
-    serde_json::to_writer(&mut *out, &chunk.created)?;
+    serde_json::to_writer(&mut *out, created)?;
     out.extend_from_slice(b",\"model\":");
     out.extend_from_slice(identity.model_json.as_bytes());
     out.extend_from_slice(b",\"choices\":");
-    serde_json::to_writer(&mut *out, &chunk.choices)?;
-    if let Some(usage) = &chunk.usage {
+    serde_json::to_writer(&mut *out, choices)?;
+    if let Some(usage) = usage {
         out.extend_from_slice(b",\"usage\":");
         serde_json::to_writer(&mut *out, usage)?;
     }
-    for (key, value) in &chunk.extra {
+    for (key, value) in extra {
         out.push(b',');
         serde_json::to_writer(&mut *out, key)?;
         out.push(b':');
