@@ -229,6 +229,7 @@ def marga_config(mocks, routes5):
     lines += model("bench/slow", ["mockslow"])
     lines += model("bench/chat-anthropic", ["mockanthropic"])
     lines += model("bench/chat-gemini", ["mockgemini"])
+    lines += model("bench/embed-gemini", ["mockgemini"], "embedding")
     lines += model("bench/chat5", ["mock"] + [f"mock{i}" for i in range(2, routes5 + 1)])
     return "\n".join(lines)
 
@@ -363,6 +364,7 @@ def bodies(tmp):
             for kind in ("anthropic", "gemini"):
                 specs[f"chat-{kind}"] = dict(specs["chat"], model=f"bench/chat-{kind}")
                 specs[f"stream-{kind}"] = dict(specs["stream"], model=f"bench/chat-{kind}")
+            specs["embed1536-gemini"] = dict(specs["embed1536"], model="bench/embed-gemini")
         for wl, body in specs.items():
             if body:
                 path = tmp / f"body-{target}-{wl}.json"
@@ -374,7 +376,7 @@ def bodies(tmp):
 PATHS = {"chat": "/v1/chat/completions", "embed": "/v1/embeddings", "embed1536": "/v1/embeddings",
          "stream": "/v1/chat/completions", "chat-anthropic": "/v1/chat/completions",
          "stream-anthropic": "/v1/chat/completions", "chat-gemini": "/v1/chat/completions",
-         "stream-gemini": "/v1/chat/completions"}
+         "stream-gemini": "/v1/chat/completions", "embed1536-gemini": "/v1/embeddings"}
 
 
 def run_wrk(url, body, auth, seconds, conns, threads, cpus):

@@ -4,7 +4,8 @@ not move with the machine's noise (the same binary and inputs give the same coun
 few tenths of a percent, whatever else runs), for comparing builds change by change.
 
     python3 bench/instructions.py [BINARY_DIR ...] [--workloads chat,embed,stream]
-    (also: chat-anthropic, stream-anthropic, chat-gemini, stream-gemini)
+    (also: embed1536, chat-anthropic, stream-anthropic, chat-gemini, stream-gemini,
+    embed1536-gemini)
                                   [--requests 2000] [--top 0]
 
 Each build directory must hold `marga` and `mock-upstream` (default: target/release). For each

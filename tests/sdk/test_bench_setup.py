@@ -52,7 +52,8 @@ def test_the_benchmark_config_passes_check_config(bench_gateway):
 
 
 @pytest.mark.parametrize("workload", ["chat", "embed", "embed1536", "stream", "chat-anthropic",
-                                      "stream-anthropic", "chat-gemini", "stream-gemini"])
+                                      "stream-anthropic", "chat-gemini", "stream-gemini",
+                                      "embed1536-gemini"])
 def test_every_benchmark_workload_is_served(bench_gateway, workload):
     url, key, _, tmp = bench_gateway
     body = bench.bodies(tmp)[(workload, "marga")].read_bytes()
