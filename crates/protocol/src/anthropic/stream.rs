@@ -201,7 +201,6 @@ impl StreamTranslator {
     }
 }
 
-/// An `error` event: the upstream's message and error type, read leniently.
 /// Reads an event's data. A `content_block_delta` (the bulk of every stream) is read into plain
 /// structs first: the internally tagged [`StreamEvent`] and [`BlockDelta`] buffer every field
 /// before they choose a variant, which cost about as much as the rest of the event's
@@ -255,6 +254,7 @@ impl PlainDelta<'_> {
     }
 }
 
+/// An `error` event: the upstream's message and error type, read leniently.
 fn error_step(data: &str) -> StreamStep {
     let parsed: Option<Value> = serde_json::from_str(data).ok();
     let field = |name: &str| {
