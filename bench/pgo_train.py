@@ -31,22 +31,6 @@ import bench as B  # noqa: E402
 
 THREADS = 4
 PROMPT = B.PROMPT
-PRICE = 'input_per_mtok = "0.15", output_per_mtok = "0.60", currency = "USD"'
-
-
-def config(mock):
-    """The benchmark's config, plus Anthropic and Gemini upstreams (the same mock speaks
-    both): their translations are production code too, and code the training never runs is
-    compiled as cold."""
-    extra = []
-    for kind, base in (("anthropic", f"{mock}/v1"), ("gemini", f"{mock}/v1beta")):
-        extra += [f"[providers.{kind}]", f'kind = "{kind}"', f'base_url = "{base}"', 'api_key = "x"',
-                  'region = "US"', "", f'[models."train/{kind}"]',
-                  f'routes = [{{ provider = "{kind}", model = "m", {PRICE} }}]', ""]
-    extra += ['[models."train/gemini-embed"]', 'type = "embedding"',
-              f'routes = [{{ provider = "gemini", model = "m", {PRICE} }}]', ""]
-    base = B.marga_config({"mock": mock, "mockstream": mock, "mockslow": mock}, 5)
-    return base + "\n" + "\n".join(extra)
 
 
 def workloads(key):
@@ -62,12 +46,15 @@ def workloads(key):
         ("completions", "POST", "/v1/completions", {"model": "bench/chat", "prompt": PROMPT}, auth, 200),
         ("streamed completions", "POST", "/v1/completions",
          {"model": "bench/stream", "prompt": PROMPT, "stream": True}, auth, 200),
-        ("chat via Anthropic", "POST", "/v1/chat/completions", {**chat, "model": "train/anthropic"}, auth, 200),
-        ("streamed chat via Anthropic", "POST", "/v1/chat/completions", {**stream, "model": "train/anthropic"},
+        # The translations are production code too: code the training never runs is compiled
+        # as cold. bench.py's config has Anthropic and Gemini upstreams on the same mock.
+        ("chat via Anthropic", "POST", "/v1/chat/completions", {**chat, "model": "bench/chat-anthropic"}, auth, 200),
+        ("streamed chat via Anthropic", "POST", "/v1/chat/completions",
+         {**stream, "model": "bench/chat-anthropic"}, auth, 200),
+        ("chat via Gemini", "POST", "/v1/chat/completions", {**chat, "model": "bench/chat-gemini"}, auth, 200),
+        ("streamed chat via Gemini", "POST", "/v1/chat/completions", {**stream, "model": "bench/chat-gemini"},
          auth, 200),
-        ("chat via Gemini", "POST", "/v1/chat/completions", {**chat, "model": "train/gemini"}, auth, 200),
-        ("streamed chat via Gemini", "POST", "/v1/chat/completions", {**stream, "model": "train/gemini"}, auth, 200),
-        ("embeddings via Gemini", "POST", "/v1/embeddings", {"model": "train/gemini-embed", "input": PROMPT},
+        ("embeddings via Gemini", "POST", "/v1/embeddings", {"model": "bench/embed-gemini", "input": PROMPT},
          auth, 200),
         ("models", "GET", "/v1/models", None, auth, 200),
         ("unknown model", "POST", "/v1/chat/completions", {**chat, "model": "nobody/nothing"}, auth, 404),
@@ -116,7 +103,8 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="marga-pgo-"))
     try:
         _, mock = B.start_mock(0, "", tmp, "mock")
-        proc, url, _ = B.start_marga(config(mock), tmp, "", tmp)
+        proc, url, _ = B.start_marga(B.marga_config({"mock": mock, "mockstream": mock, "mockslow": mock}, 5),
+                                     tmp, "", tmp)
         key = B.provision(url, "inference")
         for work in workloads(key):
             seconds = a.seconds if work[5] == 200 else a.seconds / 3
