@@ -118,20 +118,22 @@ impl ProviderError {
         ProviderError { kind, status: Some(status), retry_after, message, source: None }
     }
 
-    /// Classifies a transport error from the HTTP client (before a response arrived).
-    pub fn from_transport(err: hyper_util::client::legacy::Error) -> Self {
-        let kind = if err.is_connect() {
-            if caused_by_timeout(&err) { ErrorKind::Timeout } else { ErrorKind::Connect }
+    /// A failure to open a connection to the upstream (resolving, connecting, TLS, the HTTP
+    /// handshake): a timeout or a connect error, both safe to try elsewhere.
+    pub fn from_connect(err: Box<dyn std::error::Error + Send + Sync>) -> Self {
+        let (kind, what) = if caused_by_timeout(&*err) {
+            (ErrorKind::Timeout, "upstream timed out")
         } else {
-            ErrorKind::Server
+            (ErrorKind::Connect, "could not connect to upstream")
         };
         // Say little: the URL is not repeated (Gemini keys can live in URLs).
-        let what = match kind {
-            ErrorKind::Timeout => "upstream timed out",
-            ErrorKind::Connect => "could not connect to upstream",
-            _ => "upstream transport error",
-        };
-        ProviderError::new(kind, what).with_source(err)
+        ProviderError { source: Some(err), ..ProviderError::new(kind, what) }
+    }
+
+    /// A failure on an open connection before a response arrived (the upstream closed it or
+    /// sent something that is not HTTP); the request may have been written.
+    pub fn from_exchange(err: hyper::Error) -> Self {
+        ProviderError::new(ErrorKind::Server, "upstream transport error").with_source(err)
     }
 
     /// An error while reading a response body: the upstream cut the connection.

@@ -1,9 +1,10 @@
 //! HTTP plumbing shared by the provider modules: one pooled client per provider, requests
 //! with JSON or raw bodies, upstream error classification and SSE decoding.
 //!
-//! The client is hyper's pooled client (`hyper-util`) with rustls, used directly: every
-//! inference request goes through it, and reqwest's layers on top of the same client (redirect
-//! policy, URL re-parsing, header merging) cost about a tenth of Marga's CPU per request.
+//! The client is hyper's connections with rustls under Marga's own pool ([`crate::pool`]),
+//! used directly: every inference request goes through it, and reqwest's layers on top of
+//! hyper (redirect policy, URL re-parsing, header merging) cost about a tenth of Marga's CPU
+//! per request.
 //!
 //! Each thread has its own pool of connections to the upstream. The gateway serves on one
 //! single-threaded runtime per core: a connection opened on a thread has its connection task
@@ -19,16 +20,16 @@ use futures::{Stream, StreamExt};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use marga_protocol::sse::{Decoder, Event};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::pool::{Pool, ReplyBody};
 use crate::{ErrorKind, ProviderError, ProviderSettings};
 
+/// How long an idle upstream connection may wait to be reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The most of an upstream error body we read (enough for any error message).
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The most of a non-streamed upstream response we accept.
@@ -36,21 +37,15 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
 /// The longest upstream error message we pass on.
 const MAX_ERROR_MESSAGE: usize = 500;
 
-type Connector = HttpsConnector<HttpConnector>;
-type Pool = hyper_util::client::legacy::Client<Connector, Full<Bytes>>;
-
 /// An upstream's response, its body read as it arrives. The helpers below hand callers only
 /// 2xx ones; other statuses become a [`ProviderError`].
-pub(crate) type Reply = http::Response<Incoming>;
+pub(crate) type Reply = http::Response<ReplyBody>;
 
 /// A pooled HTTP client for one upstream (a pool per thread), with the headers every request
 /// to it carries.
 pub(crate) struct Client {
-    connector: Connector,
-    pools: thread_local::ThreadLocal<Pool>,
+    pool: Pool,
     headers: HeaderMap,
-    /// Idle connections each thread's pool keeps per host.
-    max_idle: usize,
 }
 
 impl Client {
@@ -73,18 +68,7 @@ impl Client {
             .enable_http1()
             .enable_http2()
             .wrap_connector(tcp);
-        Ok(Client { connector: https, pools: thread_local::ThreadLocal::new(), headers, max_idle: settings.max_idle_connections })
-    }
-
-    /// This thread's pool, made on its first request.
-    fn pool(&self) -> &Pool {
-        self.pools.get_or(|| {
-            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(self.max_idle)
-                .pool_timer(TokioTimer::new())
-                .build(self.connector.clone())
-        })
+        Ok(Client { pool: Pool::new(https, settings.max_idle_connections, IDLE_TIMEOUT), headers })
     }
 
     /// A request to `uri` (parsed once by the caller when it is used often).
@@ -125,7 +109,7 @@ impl Outgoing<'_> {
         *request.method_mut() = self.method;
         *request.uri_mut() = self.uri;
         *request.headers_mut() = self.headers;
-        self.client.pool().request(request).await.map_err(ProviderError::from_transport)
+        self.client.pool.send(request).await
     }
 
     /// Sends the request with `body` and returns the response if its status is 2xx, else the

@@ -21,6 +21,7 @@ pub mod gemini;
 mod http;
 pub mod openai;
 mod openai_batch;
+mod pool;
 pub mod sandbox;
 mod translated;
 
