@@ -1,9 +1,10 @@
 //! Connections to an upstream, pooled per thread: the HTTP client under every provider.
 //!
-//! hyper-util's pooled client did this job before, and cost about a twentieth of a chat
-//! request's instructions: for every HTTP/1 request it spawned a task that waited for the
-//! connection to be free again and then put it back into a mutex-guarded, SipHash-keyed pool
-//! shared by all threads, and it rebuilt the `Host` header and the request target each time.
+//! hyper-util's pooled client did this job before, and cost about 7,800 more instructions
+//! per chat request (of ≈ 180,000; BENCHMARKS.md, stop 27): for every HTTP/1 request it
+//! spawned a task that waited for the connection to be free again and then put it back into
+//! a mutex-guarded, SipHash-keyed pool, and it rebuilt the `Host` header and the request
+//! target each time.
 //! Here a connection goes back into its thread's list the moment its response body ends,
 //! inside the poll that read that end, and the list is a plain vector that only that thread
 //! touches.
