@@ -20,7 +20,6 @@ use futures::{Stream, StreamExt};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use marga_protocol::sse::{Decoder, Event};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -58,16 +57,7 @@ impl Client {
                 .map_err(|e| ProviderError::new(ErrorKind::InvalidRequest, "invalid header value").with_source(e))?;
             headers.insert(name, value);
         }
-        let mut tcp = HttpConnector::new();
-        tcp.set_nodelay(true);
-        tcp.set_connect_timeout(Some(settings.connect_timeout));
-        tcp.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(tcp);
+        let https = crate::pool::connector(settings.connect_timeout);
         Ok(Client { pool: Pool::new(https, settings.max_idle_connections, IDLE_TIMEOUT), headers })
     }
 

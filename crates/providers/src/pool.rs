@@ -113,6 +113,21 @@ struct GiveBack {
     authority: Authority,
 }
 
+/// The connector to every upstream: TCP without Nagle's delay, then TLS (the Web PKI's roots)
+/// for `https` URLs, offering HTTP/2 and HTTP/1.1.
+pub(crate) fn connector(connect_timeout: Duration) -> Connector {
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(connect_timeout));
+    tcp.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp)
+}
+
 impl Pool {
     pub(crate) fn new(connector: Connector, max_idle: usize, idle_timeout: Duration) -> Self {
         let shared = Shared { connector, threads: thread_local::ThreadLocal::new(), max_idle, idle_timeout };

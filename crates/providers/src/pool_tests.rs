@@ -12,15 +12,7 @@ use tokio::net::TcpListener;
 use super::*;
 
 fn plain_pool(idle_timeout: Duration) -> Pool {
-    let mut tcp = HttpConnector::new();
-    tcp.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(tcp);
-    Pool::new(https, 4, idle_timeout)
+    Pool::new(connector(Duration::from_secs(5)), 4, idle_timeout)
 }
 
 fn post(url: &str, body: &'static str) -> Request<RequestBody> {
