@@ -55,7 +55,6 @@ type RequestBody = Full<Bytes>;
 const READY_WAIT: Duration = Duration::from_secs(1);
 
 /// A pooled client: the connector and each thread's idle connections.
-#[derive(Clone)]
 pub(crate) struct Pool {
     shared: Arc<Shared>,
 }
@@ -136,10 +135,9 @@ impl Pool {
 
     /// Sends `request` (an absolute URI) on an idle connection to its origin, else on a new
     /// one; the response whatever its status.
-    pub(crate) async fn send(&self, request: Request<RequestBody>) -> Result<Response<ReplyBody>, ProviderError> {
+    pub(crate) async fn send(&self, mut request: Request<RequestBody>) -> Result<Response<ReplyBody>, ProviderError> {
         let (scheme, authority) = origin(request.uri())?;
         let target = request.uri().clone();
-        let mut request = request;
         loop {
             let (taken, reused) = match self.shared.take_idle(&scheme, &authority).await {
                 Some(taken) => (taken, true),
